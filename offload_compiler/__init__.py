@@ -1,0 +1,37 @@
+"""offload_compiler: weight offloading as a torch.compile backend.
+
+``torch.compile(model, backend="offload", options={"prefetch": {...}})`` keeps the chosen layers'
+weights in pinned host memory and compiles a graph that reads them from a small pool of GPU slot
+buffers, filled ahead of use by asynchronous copies on a side stream.
+"""
+
+from torch._dynamo.backends import registry as _registry
+
+from . import ops  # noqa: F401  (registers the custom ops before any compiled graph runs)
+from .backend import offload_backend
+from .config import OffloadConfig, PrefetchOffloadConfig, UVAOffloadConfig
+from .placement import place_model
+
+__all__ = [
+    "OffloadConfig",
+    "PrefetchOffloadConfig",
+    "UVAOffloadConfig",
+    "offload_backend",
+    "place_model",
+]
+
+
+def _register_backend_name() -> None:
+    """Register "offload" unless Dynamo is registering it from our entry point right now.
+
+    ``lookup_backend("offload")`` imports this package through the ``torch_dynamo_backends``
+    entry point and then registers the loaded function itself; registering the name here too
+    would trip Dynamo's duplicate-name assertion.
+    """
+    name = "offload"
+    if name in _registry._COMPILER_FNS or _registry._BACKENDS.get(name) is not None:
+        return
+    _registry.register_backend(offload_backend, name=name)
+
+
+_register_backend_name()

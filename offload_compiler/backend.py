@@ -1,0 +1,143 @@
+"""The ``offload`` torch.compile backend: config -> plan -> runtime -> FX rewrite -> Inductor.
+
+``torch.compile(model, backend="offload", options={...})`` calls `offload_backend` with Dynamo's
+graph. Options are an `OffloadConfig` or a dict of its fields; the Inductor mode travels inside
+them (torch.compile refuses ``mode=`` together with ``options=``) and is mapped the way Inductor's
+own wrapper maps it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import fx
+from torch._inductor import list_mode_options
+from torch._inductor.compile_fx import compile_fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from .config import OffloadConfig
+from .discovery import ParamPlaceholder, find_layer_list, param_placeholders
+from .fx_pass import OffloadPrefetchPass, SlotRead
+from .planning import plan_prefetch
+from .runtime import OffloadRuntime, runtime_for
+
+log = logging.getLogger(__name__)
+
+# Inductor must keep the inserted order: reorder_for_locality hoists every prefetch op to the
+# top of the graph (no overlap at all) and peak-memory reordering may move a weight-only kernel
+# ahead of the wait for its weights.
+_ORDER_PRESERVING = {"reorder_for_locality": False, "reorder_for_peak_memory": False}
+
+
+def offload_backend(
+    gm: fx.GraphModule,
+    example_inputs: list[torch.Tensor],
+    *,
+    mode: str | None = None,
+    options: OffloadConfig | Mapping[str, Any] | None = None,
+) -> Callable[..., Any]:
+    """Compile ``gm`` with offloaded layers read from prefetched slot buffers."""
+    config = OffloadConfig.from_options(options)
+    patches = dict(list_mode_options(config.mode or mode or "default"))
+    if config.selected_backend is None:
+        return compile_fx(gm, example_inputs, config_patches=patches)
+    if config.selected_backend == "uva":
+        raise NotImplementedError(
+            "offload_backend='uva' is not implemented yet; use the prefetch backend "
+            "(prefetch.offload_group_size > 0)"
+        )
+    with unset_fake_temporarily():
+        reads, runtimes = _plan_reads(gm, config)
+    if not reads:
+        log.info("offload: this graph reads no offloaded layer; compiling it unchanged")
+        return compile_fx(gm, example_inputs, config_patches=patches)
+    rewrite = OffloadPrefetchPass(reads, config.compute_hash())
+    new_gm, slots = rewrite(gm)
+    _log_summary(runtimes, reads)
+    compiled = compile_fx(
+        new_gm, [*example_inputs, *slots], config_patches={**patches, **_ORDER_PRESERVING}
+    )
+
+    def run(*args: Any) -> Any:
+        return compiled(*args, *slots)
+
+    return run
+
+
+def _plan_reads(
+    gm: fx.GraphModule, config: OffloadConfig
+) -> tuple[dict[str, SlotRead], list[OffloadRuntime]]:
+    """Which placeholders read offloaded parameters, and the slot each should read instead."""
+    by_root: dict[int, list[ParamPlaceholder]] = {}
+    for placeholder in param_placeholders(gm):
+        by_root.setdefault(id(placeholder.root), []).append(placeholder)
+    reads: dict[str, SlotRead] = {}
+    runtimes = []
+    for placeholders in by_root.values():
+        root = placeholders[0].root
+        path, layers = find_layer_list(root, config.layers_path)
+        plan = plan_prefetch(layers, path, config.prefetch)
+        if not plan.layers:
+            log.warning("offload: the config selects no layer of %s to offload", path)
+            continue
+        prefix = f"{path}."
+        in_layers = [p for p in placeholders if p.fqn.startswith(prefix)]
+        if torch.is_grad_enabled() and any(p.param.requires_grad for p in in_layers):
+            raise RuntimeError(
+                "the offload backend compiles inference only: call the compiled model under "
+                "torch.no_grad() or torch.inference_mode()"
+            )
+        device = _compute_device(in_layers)
+        runtime = runtime_for(layers, plan, device, config.compute_hash(), config.poison_slots)
+        runtimes.append(runtime)
+        for p in in_layers:
+            index, name = p.fqn[len(prefix) :].split(".", 1)
+            layer = plan.layer_at(int(index))
+            if layer is None or name not in layer.params:
+                continue
+            reads[p.node.name] = SlotRead(
+                runtime_id=runtime.id,
+                layer=layer.index,
+                prefetch=plan.next_in_slot(layer).index,
+                slot_name=f"offload_slot_r{runtime.id}_s{layer.slot}_{_identifier(name)}",
+                slot=runtime.slot_tensors(layer.index)[name],
+            )
+    return reads, runtimes
+
+
+def _compute_device(placeholders: list[ParamPlaceholder]) -> torch.device:
+    devices = {p.param.device for p in placeholders}
+    if len(devices) != 1:
+        raise ValueError(
+            f"the layers' parameters are on several devices ({sorted(map(str, devices))}); "
+            "place the model on one device first (offload_compiler.place_model)"
+        )
+    return devices.pop()
+
+
+def _identifier(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
+def _log_summary(runtimes: list[OffloadRuntime], reads: Mapping[str, SlotRead]) -> None:
+    layers_here = len({(r.runtime_id, r.layer) for r in reads.values()})
+    for runtime in runtimes:
+        plan = runtime.plan
+        log.info(
+            "offload: %s: %d of %d layers offloaded (%s), %.1f MiB in %s host memory, "
+            "%d slots (%.1f MiB on %s), prefetch_step %d; this graph reads %d of them",
+            plan.layers_path,
+            len(plan.layers),
+            plan.num_layers,
+            ",".join(str(layer.index) for layer in plan.layers),
+            runtime.host_bytes / 2**20,
+            "pinned" if runtime.device.type == "cuda" else "CPU",
+            plan.num_slots,
+            runtime.pool.nbytes / 2**20,
+            runtime.device,
+            plan.prefetch_step,
+            layers_here,
+        )

@@ -1,0 +1,261 @@
+"""Configuration of weight offloading for the ``offload`` torch.compile backend.
+
+The field names, defaults, bounds and cross-field rules mirror vLLM's
+``vllm/config/offload.py`` so that settings carry over unchanged between the two.
+The models are frozen and reject unknown keys: a config is part of the compile
+cache key (``compute_hash``), and a misspelled option must fail loudly instead
+of silently compiling a model that offloads nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    field_validator,
+    model_validator,
+)
+
+OffloadBackend = Literal["auto", "uva", "prefetch"]
+InductorMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+_HASH_SCHEMA = "offload_compiler.config.v1"
+"""Mixed into every hash; bump it when the meaning of an existing field changes."""
+
+
+def _check_pattern(pattern: str) -> str:
+    if any(segment == "" for segment in pattern.split(".")):
+        raise ValueError(
+            f"segment pattern {pattern!r} must be non-empty, without a leading, trailing "
+            "or doubled '.'"
+        )
+    return pattern
+
+
+SegmentPatterns = Annotated[
+    frozenset[Annotated[str, AfterValidator(_check_pattern)]],
+    # Sorted so that dumps, and therefore compute_hash, do not depend on set
+    # iteration order, which varies with PYTHONHASHSEED.
+    PlainSerializer(sorted, return_type=list[str], when_used="json"),
+]
+"""Dotted parameter-name segment patterns, matched by ``matches_segments``."""
+
+
+def matches_segments(name: str, patterns: Iterable[str]) -> bool:
+    """Whether some pattern equals a contiguous run of the dot-separated segments of ``name``.
+
+    Whole segments are compared so that ``"w13_weight"`` selects
+    ``"mlp.experts.w13_weight"`` but not ``"mlp.experts.w13_weight_scale"``.
+    An empty ``patterns`` matches nothing; callers decide what "no patterns" means.
+    """
+    dotted = f".{name}."
+    return any(f".{pattern}." in dotted for pattern in patterns)
+
+
+class _FrozenConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class UVAOffloadConfig(_FrozenConfig):
+    """UVA (Unified Virtual Addressing) offloading: weights stay in pinned host memory.
+
+    The GPU reads them zero-copy during every forward, so there are no copies to
+    schedule, but each step pays the host link bandwidth; it needs a fast
+    CPU-GPU interconnect.
+    """
+
+    cpu_offload_gb: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    """GiB of parameters to keep in pinned host memory, per GPU; 0 disables UVA offloading.
+
+    Acts as a virtual enlargement of GPU memory. Must be finite so that it is a
+    real budget and hashes unambiguously.
+    """
+
+    cpu_offload_params: SegmentPatterns = frozenset()
+    """Segment patterns choosing which parameters may be offloaded.
+
+    Empty means any parameter, in order, until ``cpu_offload_gb`` is used up.
+    Segments let ``"w2_weight"`` be told apart from ``"w2_weight_scale"``.
+    """
+
+
+class PrefetchOffloadConfig(_FrozenConfig):
+    """Prefetch offloading: whole layers live on the host and are copied ahead of use.
+
+    Offloaded layers share a few static GPU slot buffers; the copy into a slot is
+    issued on a side stream ``offload_prefetch_step`` layers early so that it
+    overlaps with the compute of the layers that stay resident.
+    """
+
+    offload_group_size: int = Field(default=0, ge=0)
+    """Split the repeated layers into groups of this many; 0 disables prefetch offloading.
+
+    Example: group 8 with 2 offloaded per group offloads layers 6, 7, 14, 15, ...
+    """
+
+    offload_num_in_group: int = Field(default=1, ge=1)
+    """How many layers at the end of each group are offloaded; at most ``offload_group_size``.
+
+    The resident layers before them are what hides the copy latency.
+    """
+
+    offload_prefetch_step: int = Field(default=1, ge=0)
+    """How many offloaded layers ahead to prefetch, which is also the number of GPU slots.
+
+    More hides more latency at the cost of one slot of GPU memory each; must be
+    >= 1 whenever prefetch offloading is enabled.
+    """
+
+    offload_params: SegmentPatterns = frozenset()
+    """Segment patterns choosing which parameters of an offloaded layer are offloaded.
+
+    Empty means all of them; e.g. ``{"experts"}`` keeps attention weights resident.
+    """
+
+    def is_offloaded_layer(self, index: int) -> bool:
+        """Whether repeated block ``index`` is offloaded, i.e. among the last of its group."""
+        group_size = self.offload_group_size
+        if group_size == 0:
+            return False
+        return index % group_size >= group_size - self.offload_num_in_group
+
+    def offloaded_layers(self, num_layers: int) -> list[int]:
+        """Indices, ascending, of the offloaded layers among ``num_layers`` repeated blocks."""
+        return [index for index in range(num_layers) if self.is_offloaded_layer(index)]
+
+
+class OffloadConfig(_FrozenConfig):
+    """Everything the ``offload`` backend reads from ``torch.compile(options=...)``."""
+
+    offload_backend: OffloadBackend = "auto"
+    """Which offloading mechanism to use.
+
+    ``"auto"`` picks from whichever sub-config is set: prefetch when
+    ``prefetch.offload_group_size > 0``, else UVA when ``uva.cpu_offload_gb > 0``.
+    """
+
+    uva: UVAOffloadConfig = Field(default_factory=UVAOffloadConfig)
+    """Settings used by the UVA backend."""
+
+    prefetch: PrefetchOffloadConfig = Field(default_factory=PrefetchOffloadConfig)
+    """Settings used by the prefetch backend."""
+
+    layers_path: str | None = None
+    """Dotted path, relative to the compiled module, of the ``nn.ModuleList`` of repeated blocks.
+
+    E.g. ``"model.layers"``. ``None`` discovers the longest ``ModuleList``, which
+    is right for ordinary decoder stacks but can be wrong when a model has
+    several lists; the path makes the choice explicit.
+    """
+
+    mode: InductorMode | None = None
+    """Inductor mode to compile with.
+
+    Carried here because ``torch.compile`` refuses ``mode=`` together with ``options=``.
+    """
+
+    poison_slots: bool = False
+    """Debugging aid: fill a slot with NaN on the compute stream before each prefetch copy.
+
+    A read of the slot after its copy began, i.e. a missing wait, then shows up
+    as NaN in the output instead of as silently stale weights.
+    """
+
+    @field_validator("layers_path")
+    @classmethod
+    def _check_layers_path(cls, path: str | None) -> str | None:
+        if path is not None and not all(
+            segment.isidentifier() or (segment.isascii() and segment.isdigit())
+            for segment in path.split(".")
+        ):
+            raise ValueError(
+                f"layers_path {path!r} must be a non-empty dotted path whose segments are "
+                "Python identifiers or decimal integers, e.g. 'model.layers'"
+            )
+        return path
+
+    @model_validator(mode="after")
+    def _check_backends(self) -> OffloadConfig:
+        prefetch = self.prefetch
+        if self.offload_backend == "prefetch" or prefetch.offload_group_size > 0:
+            if prefetch.offload_num_in_group > prefetch.offload_group_size:
+                raise ValueError(
+                    f"offload_num_in_group ({prefetch.offload_num_in_group}) must be "
+                    f"<= offload_group_size ({prefetch.offload_group_size})"
+                )
+            if prefetch.offload_prefetch_step < 1:
+                raise ValueError(
+                    f"offload_prefetch_step ({prefetch.offload_prefetch_step}) must be >= 1 "
+                    "when prefetch offloading is enabled (offload_group_size > 0)"
+                )
+
+        # Mismatches are honoured (the chosen backend wins), so they only warn.
+        uva_active = self.uva.cpu_offload_gb > 0
+        prefetch_active = prefetch.offload_group_size > 0
+        if self.offload_backend == "uva" and prefetch_active:
+            warnings.warn(
+                "Prefetch offload fields are set but offload_backend='uva'. "
+                "Prefetch settings will be ignored.",
+                UserWarning,
+                stacklevel=2,
+            )
+        elif self.offload_backend == "prefetch" and uva_active:
+            warnings.warn(
+                "UVA offload fields are set but offload_backend='prefetch'. "
+                "UVA settings will be ignored.",
+                UserWarning,
+                stacklevel=2,
+            )
+        elif self.offload_backend == "auto" and uva_active and prefetch_active:
+            warnings.warn(
+                "Both UVA and prefetch offload fields are set with offload_backend='auto'. "
+                "Prefetch backend will be selected. "
+                "Set offload_backend explicitly to suppress this warning.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return self
+
+    @property
+    def selected_backend(self) -> Literal["prefetch", "uva"] | None:
+        """The backend that will run, or ``None`` when ``"auto"`` finds nothing to offload."""
+        if self.offload_backend != "auto":
+            return self.offload_backend
+        if self.prefetch.offload_group_size > 0:
+            return "prefetch"
+        if self.uva.cpu_offload_gb > 0:
+            return "uva"
+        return None
+
+    def compute_hash(self) -> str:
+        """SHA-256 hex digest identifying this config, for the compile cache key.
+
+        Every field is included: each one changes which layers are rewritten,
+        how the prefetch ops are placed, or how Inductor compiles the graph.
+        The digest is the same in every process, whatever ``PYTHONHASHSEED``.
+        """
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(f"{_HASH_SCHEMA}:{canonical}".encode()).hexdigest()
+
+    @classmethod
+    def from_options(cls, options: OffloadConfig | Mapping[str, Any] | None) -> OffloadConfig:
+        """Build the config from what was passed as ``torch.compile(options=...)``."""
+        if options is None:
+            return cls()
+        if isinstance(options, OffloadConfig):
+            return options
+        if isinstance(options, Mapping):
+            return cls.model_validate(dict(options))
+        raise TypeError(
+            "offload options must be an OffloadConfig, a Mapping of its fields or None, "
+            f"got {type(options).__qualname__}"
+        )

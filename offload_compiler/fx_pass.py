@@ -1,0 +1,327 @@
+"""The FX rewrite: offloaded parameter reads become slot reads, fenced by prefetch ops.
+
+Every node this package adds to a graph is added here. For each offloaded layer found in the
+graph (in graph order):
+  1. its parameter placeholders are replaced by static slot placeholders (appended after the
+     existing placeholders; the parameter placeholders stay, unused, because Dynamo still
+     passes the parameters);
+  2. ``wait_prefetch(layer)`` goes right before the first node that uses any of its slots;
+  3. ``start_prefetch(next layer of the slot)`` goes right after the last node that uses them;
+and ``join_after_forward`` goes right before the output.
+
+Why the anchors (the tensors each op declares it mutates) are chosen as they are, see ops.py:
+wait anchors the activations live into the layer's span, start anchors every value computed
+from the layer's slots that is still used after the span. Tensors that alias a graph input are
+never anchors (a mutated input is functionalized into a clone and stops cudagraph trees); if a
+span's only activations are graph inputs, they are cloned first so the wait has an anchor.
+
+Dynamo's own graph is not modified: it reads ``meta["grapharg"]`` of every placeholder after the
+backend returns, so the rewrite works on a copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import fx
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from . import ops
+
+
+class UnsupportedGraphError(RuntimeError):
+    """The graph uses offloaded weights in a way the rewrite cannot order safely."""
+
+
+@dataclass(frozen=True)
+class SlotRead:
+    """Redirect one parameter placeholder to a slot buffer of an offloaded layer."""
+
+    runtime_id: int
+    layer: int  # ModuleList index of the offloaded layer
+    prefetch: int  # layer whose copy starts once this layer's span is over
+    slot_name: str  # placeholder name of the slot buffer (shared by layers of one slot)
+    slot: torch.Tensor
+
+
+class OffloadPrefetchPass:
+    """Rewrites a Dynamo graph to read offloaded weights from slots, with prefetch ops.
+
+    Modelled on Inductor's custom graph passes: a small object with ``uuid()`` naming what it
+    does, so compile caches can tell two rewrites apart.
+    """
+
+    def __init__(self, reads: dict[str, SlotRead], config_hash: str) -> None:
+        self.reads = reads  # parameter placeholder name -> slot read
+        self.config_hash = config_hash
+
+    def uuid(self) -> str:
+        source = Path(__file__).read_bytes()
+        plan = sorted(
+            (name, r.runtime_id, r.layer, r.prefetch, r.slot_name) for name, r in self.reads.items()
+        )
+        return hashlib.sha256(source + repr((plan, self.config_hash)).encode()).hexdigest()
+
+    def __call__(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, list[torch.Tensor]]:
+        """A rewritten copy of ``gm`` and the slot tensors to append to its inputs."""
+        new_gm = _copy_graph_module(gm)
+        graph = new_gm.graph
+        placeholders = {n.name: n for n in graph.find_nodes(op="placeholder")}
+        input_storages = {_storage(n) for n in placeholders.values() if _storage(n) is not None}
+        fake_mode = _fake_mode(placeholders.values())
+
+        # 1. Each layer's span: from the first to the last user of its parameters (found
+        # before the rewrite, while every layer still has placeholders of its own).
+        layer_params: dict[tuple[int, int], list[fx.Node]] = {}
+        prefetch_of: dict[tuple[int, int], int] = {}
+        for name, read in self.reads.items():
+            key = (read.runtime_id, read.layer)
+            layer_params.setdefault(key, []).append(placeholders[name])
+            prefetch_of[key] = read.prefetch
+        order = {node: i for i, node in enumerate(graph.nodes)}
+        spans = []
+        for key, params in layer_params.items():
+            reads = _slot_reads(graph, params, {_storage(p) for p in params})
+            users = {user for node in reads for user in node.users}
+            if any(user.op == "output" for user in users):
+                raise UnsupportedGraphError(
+                    f"the graph returns a parameter of offloaded layer {key[1]} (or a view of "
+                    "it); offloaded weights are only readable inside the compiled graph"
+                )
+            first = min(users, key=order.__getitem__)
+            last = max(users, key=order.__getitem__)
+            spans.append((order[first], key, first, last, users - reads))
+
+        # 2. Slot placeholders replace parameter placeholders.
+        slot_nodes: dict[str, fx.Node] = {}
+        extra_inputs: list[torch.Tensor] = []
+        last_placeholder = list(placeholders.values())[-1]
+        for name, read in self.reads.items():
+            slot_node = slot_nodes.get(read.slot_name)
+            if slot_node is None:
+                with graph.inserting_after(last_placeholder):
+                    slot_node = graph.placeholder(read.slot_name)
+                last_placeholder = slot_node
+                _mark_static_input(slot_node, read.slot, fake_mode)
+                slot_nodes[read.slot_name] = slot_node
+                extra_inputs.append(read.slot)
+            placeholders[name].replace_all_uses_with(slot_node)
+        input_storages |= {_storage(n) for n in slot_nodes.values()}
+
+        # 3. One token per runtime, created after the placeholders, chains that runtime's ops.
+        tokens: dict[int, fx.Node] = {}
+        for runtime_id in sorted({key[0] for key in layer_params}):
+            device = next(r.slot.device for r in self.reads.values() if r.runtime_id == runtime_id)
+            with graph.inserting_after(last_placeholder):
+                token = graph.call_function(torch.empty, ((0,),), {"device": device})
+            with fake_mode:
+                token.meta["example_value"] = torch.empty((0,), device=device)
+            tokens[runtime_id] = token
+            last_placeholder = token
+
+        # 4. The ops around each span, in graph order.
+        order = {node: i for i, node in enumerate(graph.nodes)}
+        spans.sort(key=operator.itemgetter(0))
+
+        is_anchor = _anchor_test(input_storages)
+        for _, (runtime_id, layer), first, last, readers in spans:
+            token = tokens[runtime_id]
+            live_in = _live_in(graph, first, last, order, is_anchor)
+            live_in = _ensure_readers_follow(graph, first, last, readers, live_in, order, fake_mode)
+            with graph.inserting_before(first):
+                wait = graph.call_function(
+                    ops.WAIT_PREFETCH, ([token, *live_in], runtime_id, layer)
+                )
+            wait.meta["example_value"] = None
+            order = {node: i for i, node in enumerate(graph.nodes)}
+            live_out = _live_out(graph, readers, last, order, is_anchor)
+            if not live_out:
+                raise UnsupportedGraphError(
+                    f"nothing computed from offloaded layer {layer}'s weights is used after "
+                    "them; there is no activation to order its prefetch after"
+                )
+            with graph.inserting_after(last):
+                start = graph.call_function(
+                    ops.START_PREFETCH,
+                    ([token, *live_out], runtime_id, prefetch_of[(runtime_id, layer)]),
+                )
+            start.meta["example_value"] = None
+            order = {node: i for i, node in enumerate(graph.nodes)}
+
+        output = next(iter(graph.find_nodes(op="output")))
+        for runtime_id, token in tokens.items():
+            with graph.inserting_before(output):
+                join = graph.call_function(ops.JOIN_AFTER_FORWARD, ([token], runtime_id))
+            join.meta["example_value"] = None
+        graph.lint()
+        new_gm.recompile()
+        return new_gm, extra_inputs
+
+
+def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of Dynamo's graph module that keeps what AOTAutograd reads off it."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    output = graph.graph_copy(gm.graph, env)
+    graph.output(output)
+    new_gm = fx.GraphModule(gm, graph)
+    new_gm.meta = dict(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        new_gm._param_name_to_source = gm._param_name_to_source
+    for old, new in env.items():
+        if old.op == "placeholder":
+            new._dynamo_source = getattr(old, "_dynamo_source", None)
+    return new_gm
+
+
+def _fake_mode(placeholders: Iterable[fx.Node]):
+    for node in placeholders:
+        value = node.meta.get("example_value")
+        if isinstance(value, torch._subclasses.FakeTensor):
+            return value.fake_mode
+    raise UnsupportedGraphError("the graph's placeholders carry no fake tensors")
+
+
+def _mark_static_input(node: fx.Node, tensor: torch.Tensor, fake_mode) -> None:
+    """Meta of a slot placeholder: a static input, like a parameter, for cudagraph trees."""
+    node.meta["example_value"] = fake_mode.from_tensor(tensor, static_shapes=True)
+    node.meta["val"] = node.meta["example_value"]
+    node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+    node._dynamo_source = None
+
+
+def _storage(node: fx.Node) -> StorageWeakRef | None:
+    value = node.meta.get("example_value")
+    if isinstance(value, torch.Tensor):
+        return StorageWeakRef(value.untyped_storage())
+    return None
+
+
+def _slot_reads(
+    graph: fx.Graph, slots: list[fx.Node], storages: set[StorageWeakRef]
+) -> set[fx.Node]:
+    """Nodes whose values are the layer's slots or computed from them alone.
+
+    That is the slot placeholders, their views, and weight-only computations (a dtype cast of a
+    norm weight, say). Their users are the layer's readers; the span to fence runs from the
+    first to the last of those users, since Inductor may inline a weight-only computation into
+    any of them.
+    """
+    reads = set(slots)
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            continue
+        inputs = [
+            i for i in node.all_input_nodes if isinstance(i.meta.get("example_value"), torch.Tensor)
+        ]
+        if _storage(node) in storages or (inputs and all(i in reads for i in inputs)):
+            reads.add(node)
+    return reads
+
+
+def _anchor_test(input_storages: set[StorageWeakRef]):
+    """Whether a node may be declared mutated: a computed tensor that aliases no graph input."""
+
+    def is_anchor(node: fx.Node) -> bool:
+        storage = _storage(node)
+        return (
+            node.op in ("call_function", "call_method", "call_module")
+            and storage is not None
+            and storage not in input_storages
+        )
+
+    return is_anchor
+
+
+def _live_in(graph, first: fx.Node, last: fx.Node, order, is_anchor) -> list[fx.Node]:
+    """Activations defined before ``first`` and used inside the span ``first..last``."""
+    start, end = order[first], order[last]
+    live = {}
+    for node in graph.nodes:
+        if start <= order[node] <= end:
+            for inp in node.all_input_nodes:
+                if order[inp] < start and is_anchor(inp):
+                    live[inp] = None
+    return list(live)
+
+
+def _ensure_readers_follow(graph, first, last, readers, live_in, order, fake_mode) -> list[fx.Node]:
+    """Check every slot reader depends on the wait; clone graph inputs to anchor it if not.
+
+    A reader that depends on none of the wait's anchors could be scheduled before the wait.
+    Such a reader's activations come straight from graph inputs (e.g. the model input feeding
+    layer 0); an input cannot be an anchor, so the span reads a fresh clone of it instead.
+    """
+    if not _unordered_readers(graph, first, last, readers, live_in, order):
+        return live_in
+    span = [n for n in graph.nodes if order[first] <= order[n] <= order[last]]
+    inputs = {inp: None for node in span for inp in node.all_input_nodes if _is_user_input(inp)}
+    clones = []
+    for inp in inputs:
+        with graph.inserting_before(first):
+            clone = graph.call_function(torch.clone, (inp,))
+        with fake_mode:
+            clone.meta["example_value"] = torch.clone(inp.meta["example_value"])
+        for node in span:
+            node.replace_input_with(inp, clone)
+        clones.append(clone)
+    live_in = [*live_in, *clones]
+    order.update({node: i for i, node in enumerate(graph.nodes)})
+    unordered = _unordered_readers(graph, first, last, readers, live_in, order)
+    if unordered:
+        raise UnsupportedGraphError(
+            "offloaded weights are used by computations that read no activation "
+            f"({', '.join(n.format_node() for n in unordered)}); such work cannot be ordered "
+            "after the weights arrive. Keep these parameters resident (offload_params)."
+        )
+    return live_in
+
+
+def _is_user_input(node: fx.Node) -> bool:
+    """A placeholder Dynamo made for a tensor input that is not a parameter."""
+    grapharg = node.meta.get("grapharg")
+    example = getattr(grapharg, "example", None)
+    return (
+        node.op == "placeholder"
+        and isinstance(example, torch.Tensor)
+        and not isinstance(example, torch.nn.Parameter)
+    )
+
+
+def _unordered_readers(graph, first, last, readers, live_in, order) -> list[fx.Node]:
+    depends = set(live_in)
+    for node in graph.nodes:
+        if order[first] <= order[node] <= order[last] and any(
+            inp in depends for inp in node.all_input_nodes
+        ):
+            depends.add(node)
+    return [r for r in readers if r not in depends]
+
+
+def _live_out(graph, readers, last: fx.Node, order, is_anchor) -> list[fx.Node]:
+    """Values up to ``last`` computed from the slot readers and still used after ``last``.
+
+    A value that is not a tensor (a tuple from split, say) is replaced by the tensors it was
+    computed from, since that is what its later users' views are rebuilt from.
+    """
+    end = order[last]
+    derived = set(readers)
+    for node in graph.nodes:
+        if order[node] > end:
+            break
+        if any(inp in derived for inp in node.all_input_nodes):
+            derived.add(node)
+    live: dict[fx.Node, None] = {}
+    pending = [n for n in derived if any(order[u] > end for u in n.users)]
+    while pending:
+        node = pending.pop()
+        if is_anchor(node):
+            live[node] = None
+        elif not isinstance(node.meta.get("example_value"), torch.Tensor):
+            pending.extend(inp for inp in node.all_input_nodes if inp in derived)
+    return sorted(live, key=order.__getitem__)

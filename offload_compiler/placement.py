@@ -1,0 +1,55 @@
+"""Put a model on the GPU without ever holding it whole there.
+
+A model whose weights do not fit on the GPU cannot be moved with ``model.cuda()`` and offloaded
+afterwards. `place_model` walks the parameters of a model built on the CPU one at a time: those
+of offloaded layers go to pinned host memory (the parameter becomes a zero-memory CUDA view of
+it), all others to the GPU. The backend then finds the host copies already made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import OffloadConfig
+from .discovery import find_layer_list
+from .planning import plan_prefetch
+from .pool import offload_parameter
+
+
+@torch.no_grad()
+def place_model(
+    model: nn.Module,
+    options: OffloadConfig | Mapping[str, Any] | None = None,
+    device: torch.device | str = "cuda",
+) -> nn.Module:
+    """Place ``model`` for the ``offload`` backend with ``options``; returns ``model``.
+
+    Call it on a model whose weights are on the CPU, with the options later given to
+    ``torch.compile``. Peak GPU memory is the resident weights alone.
+    """
+    config = OffloadConfig.from_options(options)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    offloaded: set[int] = set()
+    if config.selected_backend == "prefetch":
+        path, layers = find_layer_list(model, config.layers_path)
+        plan = plan_prefetch(layers, path, config.prefetch)
+        for layer in plan.layers:
+            params = dict(layers[layer.index].named_parameters())
+            for name in layer.params:
+                offload_parameter(params[name], device)
+                offloaded.add(id(params[name]))
+    elif config.selected_backend is not None:
+        raise NotImplementedError(f"place_model for offload_backend={config.offload_backend!r}")
+    for param in model.parameters():
+        if id(param) not in offloaded:
+            param.data = param.data.to(device)
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            module._buffers[name] = buffer.to(device)
+    return model

@@ -1,0 +1,165 @@
+"""The prefetch machinery behind the custom ops: slots, the copy stream and per-layer events.
+
+One `OffloadRuntime` serves one offloaded ModuleList for the life of the process; every graph
+compiled from that model (graph breaks, recompiles) shares it, so weights are copied to host
+memory once and the slot pool is allocated once. Compiled graphs name it by an integer id,
+looked up when an op runs, so no tensor, stream or event is baked into a graph or a cache entry.
+
+The per-layer protocol on CUDA (offloaded layer k, slot s = k % prefetch_step):
+  start(k): the compute stream records ``ready[k]`` (the previous reader of slot s is queued
+            before this point), the copy stream waits on it, copies host -> slot, records
+            ``done[k]``.
+  wait(k):  the compute stream waits on ``done[k]``.
+  join():   the compute stream waits on the copy stream. Under CUDA graph capture a copy stream
+            forked from the capturing stream must rejoin before capture ends; it also means no
+            event crosses from one forward (or one captured graph) into the next.
+Streams are looked up when an op runs, never cached at trace time, because cudagraph trees run
+warm-up and capture on their own stream. On CPU start(k) is a synchronous copy and wait/join are
+no-ops, so the compiled graph is the same and a misplaced op gives wrong numbers there too.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+
+import torch
+from torch import nn
+
+from .planning import OffloadedLayer, OffloadPlan
+from .pool import SlotKey, SlotPool, offload_parameter
+
+log = logging.getLogger(__name__)
+
+_RUNTIMES: list[OffloadRuntime] = []
+_BY_LAYER_LIST: weakref.WeakKeyDictionary[nn.ModuleList, OffloadRuntime] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def get_runtime(runtime_id: int) -> OffloadRuntime:
+    """The runtime a compiled graph names by id."""
+    try:
+        return _RUNTIMES[runtime_id]
+    except IndexError:
+        raise RuntimeError(
+            f"offload runtime {runtime_id} does not exist in this process: a compiled graph was "
+            "loaded from a cache without compiling its model here first"
+        ) from None
+
+
+def runtime_for(
+    layers: nn.ModuleList,
+    plan: OffloadPlan,
+    device: torch.device,
+    config_hash: str,
+    poison_slots: bool,
+) -> OffloadRuntime:
+    """The runtime of ``layers``, created (weights moved to host, slots filled) on first use."""
+    runtime = _BY_LAYER_LIST.get(layers)
+    if runtime is None:
+        runtime = OffloadRuntime(len(_RUNTIMES), layers, plan, device, poison_slots)
+        runtime.config_hash = config_hash
+        _RUNTIMES.append(runtime)
+        _BY_LAYER_LIST[layers] = runtime
+    elif runtime.config_hash != config_hash or runtime.device != device:
+        raise ValueError(
+            f"{plan.layers_path} is already offloaded with another configuration or device "
+            f"({runtime.device}); one model can be offloaded one way per process"
+        )
+    return runtime
+
+
+class OffloadRuntime:
+    """Host copies, slot buffers, copy stream and events of one offloaded ModuleList."""
+
+    config_hash: str
+
+    def __init__(
+        self,
+        runtime_id: int,
+        layers: nn.ModuleList,
+        plan: OffloadPlan,
+        device: torch.device,
+        poison_slots: bool,
+    ) -> None:
+        self.id = runtime_id
+        self.plan = plan
+        self.device = device
+        self.poison_slots = poison_slots
+        self.pool = SlotPool(plan.num_slots, device)
+        self._host: list[dict[str, torch.Tensor]] = []
+        self._slots: list[dict[str, torch.Tensor]] = []
+        for layer in plan.layers:
+            params = dict(layers[layer.index].named_parameters())
+            host = {name: offload_parameter(params[name], device) for name in layer.params}
+            self._host.append(host)
+            self._slots.append(
+                {n: self.pool.buffer(layer.slot, SlotKey.of(n, t)) for n, t in host.items()}
+            )
+        self.host_bytes = sum(t.nbytes for host in self._host for t in host.values())
+        self._slot_owner: list[int | None] = [None] * plan.num_slots
+        self._pending: set[int] = set()  # positions started and not yet waited for or joined
+        self._cuda = device.type == "cuda"
+        if self._cuda:
+            with torch.cuda.device(device):
+                self._copy_stream = torch.cuda.Stream(device)
+                self._ready = [torch.cuda.Event() for _ in plan.layers]
+                self._done = [torch.cuda.Event() for _ in plan.layers]
+        for layer in plan.layers[: plan.num_slots]:  # the first forward finds its slots filled
+            self._start(layer)
+        self.join()
+
+    def slot_tensors(self, layer_index: int) -> dict[str, torch.Tensor]:
+        """The slot buffers the compiled graph reads for layer ``layer_index``'s parameters."""
+        return self._slots[self._layer(layer_index).position]
+
+    def start(self, layer_index: int) -> None:
+        """Begin copying layer ``layer_index``'s weights into its slot (op start_prefetch)."""
+        self._start(self._layer(layer_index))
+
+    def wait(self, layer_index: int) -> None:
+        """Make the compute stream wait until layer ``layer_index``'s slot holds its weights.
+
+        If the slot holds another layer (a forward that skipped layers, or a layer split across
+        two graphs by a graph break), the copy is started here first: slower, never wrong.
+        """
+        layer = self._layer(layer_index)
+        if self._slot_owner[layer.slot] != layer.position:
+            self._start(layer)
+        if layer.position in self._pending:
+            self._pending.discard(layer.position)
+            torch.cuda.current_stream(self.device).wait_event(self._done[layer.position])
+
+    def join(self) -> None:
+        """Rejoin the copy stream into the compute stream (op join_after_forward)."""
+        if self._pending:
+            self._pending.clear()
+            torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
+
+    def _layer(self, layer_index: int) -> OffloadedLayer:
+        layer = self.plan.layer_at(layer_index)
+        if layer is None:
+            raise RuntimeError(f"layer {layer_index} of {self.plan.layers_path} is not offloaded")
+        return layer
+
+    def _start(self, layer: OffloadedLayer) -> None:
+        host, slots = self._host[layer.position], self._slots[layer.position]
+        self._slot_owner[layer.slot] = layer.position
+        if not self._cuda:
+            for name, slot in slots.items():
+                slot.copy_(host[name])
+            return
+        compute = torch.cuda.current_stream(self.device)
+        if self.poison_slots:  # a kernel reading this slot after this point now reads NaN
+            for slot in slots.values():
+                if slot.is_floating_point():
+                    slot.fill_(float("nan"))
+        ready, done = self._ready[layer.position], self._done[layer.position]
+        ready.record(compute)
+        self._copy_stream.wait_event(ready)
+        with torch.cuda.stream(self._copy_stream):
+            for name, slot in slots.items():
+                slot.copy_(host[name], non_blocking=True)
+        done.record(self._copy_stream)
+        self._pending.add(layer.position)
