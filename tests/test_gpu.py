@@ -1,0 +1,260 @@
+"""GPU tests (marked ``cuda``): equality under Inductor and cudagraph trees, memory, overlap.
+
+Run on a CUDA machine with ``python -m pytest -m cuda tests``. Figures are printed and, when
+``OFFLOAD_RESULTS_DIR`` is set, written there as JSON.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import offload_compiler
+from tests.models import MLPStack, ToyLlama, clone_model
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+VOCAB = 512
+
+
+def _record(name: str, figures: dict) -> None:
+    print(f"\n{name}: {json.dumps(figures)}")
+    out = os.environ.get("OFFLOAD_RESULTS_DIR")
+    if out:
+        with (Path(out) / "gpu_figures.jsonl").open("a") as f:
+            f.write(json.dumps({"test": name, **figures}) + "\n")
+
+
+def _options(group: int, num: int, step: int, **extra) -> dict:
+    return {
+        "prefetch": {
+            "offload_group_size": group,
+            "offload_num_in_group": num,
+            "offload_prefetch_step": step,
+        },
+        **extra,
+    }
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+@pytest.mark.parametrize(
+    ("group", "num", "step", "poison"),
+    [(1, 1, 1, False), (1, 1, 2, True), (2, 1, 1, True), (4, 2, 3, False), (8, 2, 2, True)],
+)
+def test_equals_inductor_over_replays(mode, group, num, step, poison):
+    """25 calls with fresh inputs: offloaded == un-offloaded, both compiled in the same mode.
+
+    With ``poison_slots`` every start_prefetch first fills its slot with NaN on the compute
+    stream, so a kernel that read a slot after its copy began would put NaN in the output.
+    """
+    torch.manual_seed(0)
+    model = ToyLlama(layers=8, dim=256, heads=8, kv_heads=4, hidden=512, vocab=VOCAB).cuda()
+    reference = torch.compile(clone_model(model), mode=mode)
+    offloaded = torch.compile(
+        model, backend="offload", options=_options(group, num, step, mode=mode, poison_slots=poison)
+    )
+    worst = 0.0
+    with torch.no_grad():
+        for _ in range(25):
+            ids = torch.randint(0, VOCAB, (2, 64), device="cuda")
+            expected = reference(ids).clone()
+            got = offloaded(ids).clone()
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+            worst = max(worst, (got - expected).abs().max().item())
+    if mode == "reduce-overhead":
+        assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    _record(
+        f"equality[{mode},{group}/{num},step{step},poison={poison}]",
+        {
+            "calls": 25,
+            "max_abs_diff": worst,
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
+        },
+    )
+
+
+def test_state_dict_survives_compiled_calls():
+    torch.manual_seed(0)
+    model = ToyLlama(layers=4, dim=128, heads=4, kv_heads=2, hidden=256, vocab=VOCAB).cuda()
+    original = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    compiled = torch.compile(
+        model, backend="offload", options=_options(2, 1, 1, mode="reduce-overhead")
+    )
+    with torch.no_grad():
+        for _ in range(5):
+            compiled(torch.randint(0, VOCAB, (1, 16), device="cuda"))
+    torch.cuda.synchronize()
+    after = model.state_dict()
+    assert after.keys() == original.keys()
+    for name, value in after.items():
+        assert value.device.type == "cuda"
+        assert torch.equal(value.cpu(), original[name]), name
+    offloaded = model.layers[1].q_proj.weight
+    assert offloaded_is_host_view(offloaded)
+
+
+def offloaded_is_host_view(param: torch.Tensor) -> bool:
+    from offload_compiler.pool import _HOST_COPIES
+
+    host = _HOST_COPIES.get(param)
+    return host is not None and host.is_pinned() and host.data_ptr() == param.data_ptr()
+
+
+def test_gpu_memory_drops_to_slot_pool():
+    """After compile, the offloaded layers hold only the slot pool on the GPU."""
+    torch.manual_seed(0)
+    model = ToyLlama(layers=8, dim=1024, heads=8, kv_heads=4, hidden=2048, vocab=VOCAB).cuda()
+    layer_bytes = sum(p.nbytes for p in model.layers[0].parameters())
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    compiled = torch.compile(model, backend="offload", options=_options(2, 1, 2))
+    with torch.no_grad():
+        out = compiled(torch.randint(0, VOCAB, (1, 32), device="cuda"))
+    del out
+    gc.collect()
+    torch.cuda.synchronize()
+    after = torch.cuda.memory_allocated()
+    offloaded_bytes, slot_bytes = 4 * layer_bytes, 2 * layer_bytes
+    drop = before - after
+    _record(
+        "memory_drop",
+        {
+            "before_bytes": before,
+            "after_bytes": after,
+            "drop_bytes": drop,
+            "offloaded_bytes": offloaded_bytes,
+            "slot_pool_bytes": slot_bytes,
+        },
+    )
+    assert drop == pytest.approx(offloaded_bytes - slot_bytes, rel=0.02)
+
+
+def test_place_model_never_holds_the_whole_model():
+    torch.manual_seed(0)
+    model = ToyLlama(layers=8, dim=1024, heads=8, kv_heads=4, hidden=2048, vocab=VOCAB)
+    reference_model = clone_model(model)
+    total = sum(p.nbytes for p in model.parameters())
+    layer_bytes = sum(p.nbytes for p in model.layers[0].parameters())
+    options = _options(1, 1, 2)  # every layer offloaded, two slots
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    offload_compiler.place_model(model, options, "cuda")
+    compiled = torch.compile(model, backend="offload", options=options)
+    ids = torch.randint(0, VOCAB, (1, 32), device="cuda")
+    with torch.no_grad():
+        got = compiled(ids).clone()
+    peak = torch.cuda.max_memory_allocated() - base
+    resident = total - 8 * layer_bytes
+    _record(
+        "place_model_peak",
+        {"model_bytes": total, "resident_bytes": resident, "slots": 2 * layer_bytes, "peak": peak},
+    )
+    assert peak < resident + 2 * layer_bytes + 64 * 2**20
+    assert peak < total
+    with torch.no_grad():
+        expected = torch.compile(reference_model.cuda())(ids)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def _intervals(trace: dict, predicate) -> list[tuple[float, float, int]]:
+    return [
+        (e["ts"], e["ts"] + e["dur"], e.get("args", {}).get("stream", -1))
+        for e in trace["traceEvents"]
+        if e.get("ph") == "X" and predicate(e)
+    ]
+
+
+def _overlap(a: list[tuple[float, float, int]], b: list[tuple[float, float, int]]) -> float:
+    """Time during which some interval of ``a`` and some interval of ``b`` both run."""
+    merged: list[list[float]] = []
+    for start, end, _ in sorted(b):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    total = 0.0
+    for start, end, _ in a:
+        for m_start, m_end in merged:
+            total += max(0.0, min(end, m_end) - max(start, m_start))
+    return total
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_copies_overlap_compute_on_a_side_stream(mode, tmp_path):
+    """Profile: H2D copies of the weights run on their own stream while GEMMs run."""
+    torch.manual_seed(0)
+    dim, layers = 4096, 8
+    model = MLPStack(layers=layers, dim=dim).cuda()
+    reference = torch.compile(clone_model(model), mode=mode)
+    compiled = torch.compile(model, backend="offload", options=_options(1, 1, 2, mode=mode))
+    x = torch.randn(4096, dim, device="cuda")
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(compiled(x).clone(), reference(x).clone())
+
+        def time_ms(fn) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(10):
+                fn(x)
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 10
+
+        t_offload, t_resident = time_ms(compiled), time_ms(reference)
+        path = tmp_path / "trace.json"
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        ) as prof:
+            for _ in range(3):
+                compiled(x)
+            torch.cuda.synchronize()
+        prof.export_chrome_trace(str(path))
+    trace = json.loads(path.read_text())
+    copies = _intervals(
+        trace, lambda e: e.get("cat") == "gpu_memcpy" and "HtoD" in e.get("name", "")
+    )
+    kernels = _intervals(trace, lambda e: e.get("cat") == "kernel")
+    copy_streams = {s for *_, s in copies}
+    kernel_streams = {s for *_, s in kernels}
+    copy_ms = sum(end - start for start, end, _ in copies) / 1e3
+    overlap_ms = _overlap(copies, kernels) / 1e3
+    layer_bytes = sum(p.nbytes for p in model.blocks[0].parameters())
+    figures = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "mode": mode,
+        "offloaded_ms_per_forward": t_offload,
+        "resident_ms_per_forward": t_resident,
+        "h2d_bytes_per_forward": layers * layer_bytes,
+        "h2d_GBps": layers * layer_bytes / (copy_ms / 3) / 1e6 if copy_ms else None,
+        "profiled_copy_ms": copy_ms,
+        "copy_overlapped_with_kernels_ms": overlap_ms,
+        "copy_streams": sorted(copy_streams),
+        "kernel_streams": sorted(kernel_streams),
+    }
+    _record(f"overlap[{mode}]", figures)
+    assert copies, "no H2D copies were profiled"
+    assert copy_streams.isdisjoint(kernel_streams), "copies ran on a compute stream"
+    assert overlap_ms > 0.5 * copy_ms, "copies mostly did not overlap compute"
