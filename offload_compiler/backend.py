@@ -55,14 +55,19 @@ def offload_backend(
         log.info("offload: this graph reads no offloaded layer; compiling it unchanged")
         return compile_fx(gm, example_inputs, config_patches=patches)
     rewrite = OffloadPrefetchPass(reads, config.compute_hash())
-    new_gm, slots = rewrite(gm)
+    result = rewrite(gm)
     _log_summary(runtimes, reads)
+    placeholders = result.gm.graph.find_nodes(op="placeholder")
+    slot_examples = [n.meta["example_value"] for n in placeholders[len(example_inputs) :]]
     compiled = compile_fx(
-        new_gm, [*example_inputs, *slots], config_patches={**patches, **_ORDER_PRESERVING}
+        result.gm,
+        [*example_inputs, *slot_examples],
+        config_patches={**patches, **_ORDER_PRESERVING},
     )
+    slots, extra = result.slots, result.extra_outputs
 
     def run(*args: Any) -> Any:
-        return compiled(*args, *slots)
+        return compiled(*args, *slots)[:-extra]
 
     return run
 

@@ -49,6 +49,15 @@ class SlotRead:
     slot: torch.Tensor
 
 
+@dataclass(frozen=True)
+class Rewrite:
+    """What the pass produced: run ``gm(*inputs, *slots)`` and drop its last ``extra_outputs``."""
+
+    gm: fx.GraphModule
+    slots: list[torch.Tensor]
+    extra_outputs: int
+
+
 class OffloadPrefetchPass:
     """Rewrites a Dynamo graph to read offloaded weights from slots, with prefetch ops.
 
@@ -67,8 +76,14 @@ class OffloadPrefetchPass:
         )
         return hashlib.sha256(source + repr((plan, self.config_hash)).encode()).hexdigest()
 
-    def __call__(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, list[torch.Tensor]]:
-        """A rewritten copy of ``gm`` and the slot tensors to append to its inputs."""
+    def __call__(self, gm: fx.GraphModule) -> Rewrite:
+        """A rewritten copy of ``gm``, the slot tensors to append to its inputs, and the number
+        of extra outputs (one token per runtime) to drop from its results.
+
+        Each slot placeholder's ``meta["example_value"]`` is a fake tensor with static shapes:
+        hand those to Inductor as the slots' example inputs, so that a compile with dynamic
+        shapes does not give the slots symbolic sizes that no guard source can express.
+        """
         new_gm = _copy_graph_module(gm)
         graph = new_gm.graph
         placeholders = {n.name: n for n in graph.find_nodes(op="placeholder")}
@@ -153,14 +168,18 @@ class OffloadPrefetchPass:
             start.meta["example_value"] = None
             order = {node: i for i, node in enumerate(graph.nodes)}
 
+        # 5. join_after_forward, with the tokens returned as extra outputs: a mutation whose
+        # result nothing reads is dead code after functionalization, so the join needs a user.
         output = next(iter(graph.find_nodes(op="output")))
         for runtime_id, token in tokens.items():
             with graph.inserting_before(output):
                 join = graph.call_function(ops.JOIN_AFTER_FORWARD, ([token], runtime_id))
             join.meta["example_value"] = None
+        (results,) = output.args
+        output.args = ((*results, *tokens.values()),)
         graph.lint()
         new_gm.recompile()
-        return new_gm, extra_inputs
+        return Rewrite(new_gm, extra_inputs, len(tokens))
 
 
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -180,6 +199,10 @@ def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def _fake_mode(placeholders: Iterable[fx.Node]):
+    """The fake mode AOTAutograd will trace in: the tracing context's, as compile_fx finds it."""
+    context = torch._guards.TracingContext.try_get()
+    if context is not None and context.fake_mode is not None:
+        return context.fake_mode
     for node in placeholders:
         value = node.meta.get("example_value")
         if isinstance(value, torch._subclasses.FakeTensor):

@@ -125,6 +125,14 @@ class OffloadRuntime:
         two graphs by a graph break), the copy is started here first: slower, never wrong.
         """
         layer = self._layer(layer_index)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "wait(%d): slots hold %s, pending %s, capturing %s",
+                layer_index,
+                self._slot_owner,
+                sorted(self._pending),
+                self._cuda and torch.cuda.is_current_stream_capturing(),
+            )
         if self._slot_owner[layer.slot] != layer.position:
             self._start(layer)
         if layer.position in self._pending:
@@ -133,6 +141,7 @@ class OffloadRuntime:
 
     def join(self) -> None:
         """Rejoin the copy stream into the compute stream (op join_after_forward)."""
+        log.debug("join(): pending %s", sorted(self._pending))
         if self._pending:
             self._pending.clear()
             torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
@@ -144,6 +153,7 @@ class OffloadRuntime:
         return layer
 
     def _start(self, layer: OffloadedLayer) -> None:
+        log.debug("start(%d)", layer.index)
         host, slots = self._host[layer.position], self._slots[layer.position]
         self._slot_owner[layer.slot] = layer.position
         if not self._cuda:
