@@ -12,14 +12,15 @@ the "prefetch" is a synchronous copy into a slot, which exercises the same graph
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 # Parameter -> its host copy. Weak, so a model that is dropped frees its pinned memory; shared by
 # `place_model` and the backend so that a model placed ahead of compile is not copied twice.
-_HOST_COPIES: weakref.WeakKeyDictionary[torch.Tensor, torch.Tensor] = weakref.WeakKeyDictionary()
+# Keyed by identity: a WeakKeyDictionary would compare tensors with ==, elementwise.
+_HOST_COPIES = WeakIdKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,11 @@ def pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
     )
     host.copy_(tensor.detach())
     return host
+
+
+def host_copy(param: torch.Tensor) -> torch.Tensor | None:
+    """The host copy of an offloaded parameter, None if it is not offloaded."""
+    return _HOST_COPIES.get(param)
 
 
 def offload_parameter(param: torch.Tensor, device: torch.device) -> torch.Tensor:
