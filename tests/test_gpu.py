@@ -17,7 +17,7 @@ from torch._dynamo.utils import counters
 
 import offload_compiler
 from offload_compiler.pool import host_copy
-from tests.models import MLPStack, ToyLlama, clone_model
+from tests.models import LlamaShaped, MLPStack, clone_model
 
 pytestmark = [
     pytest.mark.cuda,
@@ -68,7 +68,7 @@ def test_equals_inductor_over_replays(mode, group, num, step, poison):
     stream, so a kernel that read a slot after its copy began would put NaN in the output.
     """
     torch.manual_seed(0)
-    model = ToyLlama(layers=8, dim=256, heads=8, kv_heads=4, hidden=512, vocab=VOCAB).cuda()
+    model = LlamaShaped(layers=8, dim=256, heads=8, kv_heads=4, hidden=512, vocab=VOCAB).cuda()
     reference = torch.compile(clone_model(model), mode=mode)
     offloaded = torch.compile(
         model, backend="offload", options=_options(group, num, step, mode=mode, poison_slots=poison)
@@ -95,7 +95,7 @@ def test_equals_inductor_over_replays(mode, group, num, step, poison):
 
 def test_state_dict_survives_compiled_calls():
     torch.manual_seed(0)
-    model = ToyLlama(layers=4, dim=128, heads=4, kv_heads=2, hidden=256, vocab=VOCAB).cuda()
+    model = LlamaShaped(layers=4, dim=128, heads=4, kv_heads=2, hidden=256, vocab=VOCAB).cuda()
     original = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     compiled = torch.compile(
         model, backend="offload", options=_options(2, 1, 1, mode="reduce-overhead")
@@ -121,7 +121,7 @@ def offloaded_is_host_view(param: torch.Tensor) -> bool:
 def test_gpu_memory_drops_to_slot_pool():
     """After compile, the offloaded layers hold only the slot pool on the GPU."""
     torch.manual_seed(0)
-    model = ToyLlama(layers=8, dim=1024, heads=8, kv_heads=4, hidden=2048, vocab=VOCAB).cuda()
+    model = LlamaShaped(layers=8, dim=1024, heads=8, kv_heads=4, hidden=2048, vocab=VOCAB).cuda()
     layer_bytes = sum(p.nbytes for p in model.layers[0].parameters())
     ids = torch.randint(0, VOCAB, (1, 32), device="cuda")
     with torch.no_grad():
@@ -152,7 +152,7 @@ def test_gpu_memory_drops_to_slot_pool():
 
 def test_place_model_never_holds_the_whole_model():
     torch.manual_seed(0)
-    model = ToyLlama(layers=8, dim=1024, heads=8, kv_heads=4, hidden=2048, vocab=VOCAB)
+    model = LlamaShaped(layers=8, dim=1024, heads=8, kv_heads=4, hidden=2048, vocab=VOCAB)
     reference_model = clone_model(model)
     total = sum(p.nbytes for p in model.parameters())
     layer_bytes = sum(p.nbytes for p in model.layers[0].parameters())
