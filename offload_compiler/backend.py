@@ -16,10 +16,18 @@ import torch
 from torch import fx
 from torch._inductor import list_mode_options
 from torch._inductor.compile_fx import compile_fx
+from torch._logging import trace_structured
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .config import OffloadConfig
-from .discovery import ParamPlaceholder, find_layer_list, param_placeholders
+from .discovery import (
+    LayerDiscoveryError,
+    candidate_roots,
+    find_layer_list,
+    known_layer_lists,
+    param_placeholders,
+    remember_layer_list,
+)
 from .fx_pass import OffloadPrefetchPass, SlotRead
 from .planning import plan_prefetch
 from .runtime import OffloadRuntime, runtime_for
@@ -50,13 +58,14 @@ def offload_backend(
             "(prefetch.offload_group_size > 0)"
         )
     with unset_fake_temporarily():
-        reads, runtimes = _plan_reads(gm, config)
+        reads, runtimes = plan_slot_reads(gm, config)
     if not reads:
         log.info("offload: this graph reads no offloaded layer; compiling it unchanged")
         return compile_fx(gm, example_inputs, config_patches=patches)
     rewrite = OffloadPrefetchPass(reads, config.compute_hash())
     result = rewrite(gm)
     _log_summary(runtimes, reads)
+    _publish_graph(result.gm)
     placeholders = result.gm.graph.find_nodes(op="placeholder")
     slot_examples = [n.meta["example_value"] for n in placeholders[len(example_inputs) :]]
     compiled = compile_fx(
@@ -72,38 +81,53 @@ def offload_backend(
     return run
 
 
-def _plan_reads(
+def plan_slot_reads(
     gm: fx.GraphModule, config: OffloadConfig
 ) -> tuple[dict[str, SlotRead], list[OffloadRuntime]]:
-    """Which placeholders read offloaded parameters, and the slot each should read instead."""
-    by_root: dict[int, list[ParamPlaceholder]] = {}
-    for placeholder in param_placeholders(gm):
-        by_root.setdefault(id(placeholder.root), []).append(placeholder)
+    """Which placeholders read offloaded parameters, and the slot each should read instead.
+
+    Creates (or reuses) the runtime of every offloaded ModuleList the graph touches, which moves
+    those weights to host memory the first time. Must run inside a Dynamo backend call.
+    """
+    placeholders = {id(p.param): p for p in param_placeholders(gm)}
+    layer_lists = known_layer_lists([p.param for p in placeholders.values()])
+    roots = candidate_roots(gm) if not layer_lists else []
+    errors = []
+    for root in roots:
+        try:
+            layer_lists.append(find_layer_list(root, config.layers_path))
+        except LayerDiscoveryError as err:
+            errors.append(err)
+    if roots and not layer_lists:
+        raise errors[0]
     reads: dict[str, SlotRead] = {}
     runtimes = []
-    for placeholders in by_root.values():
-        root = placeholders[0].root
-        path, layers = find_layer_list(root, config.layers_path)
+    for path, layers in layer_lists:
+        remember_layer_list(path, layers)
         plan = plan_prefetch(layers, path, config.prefetch)
         if not plan.layers:
             log.warning("offload: the config selects no layer of %s to offload", path)
             continue
-        prefix = f"{path}."
-        in_layers = [p for p in placeholders if p.fqn.startswith(prefix)]
-        if torch.is_grad_enabled() and any(p.param.requires_grad for p in in_layers):
+        in_graph = [
+            (layer, name, placeholders[id(param)])
+            for layer in plan.layers
+            for name, param in layers[layer.index].named_parameters()
+            if name in layer.params and id(param) in placeholders
+        ]
+        if not in_graph:
+            continue
+        params = [placeholder.param for *_, placeholder in in_graph]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             raise RuntimeError(
                 "the offload backend compiles inference only: call the compiled model under "
                 "torch.no_grad() or torch.inference_mode()"
             )
-        device = _compute_device(in_layers)
-        runtime = runtime_for(layers, plan, device, config.compute_hash(), config.poison_slots)
+        runtime = runtime_for(
+            layers, plan, _compute_device(params), config.compute_hash(), config.poison_slots
+        )
         runtimes.append(runtime)
-        for p in in_layers:
-            index, name = p.fqn[len(prefix) :].split(".", 1)
-            layer = plan.layer_at(int(index))
-            if layer is None or name not in layer.params:
-                continue
-            reads[p.node.name] = SlotRead(
+        for layer, name, placeholder in in_graph:
+            reads[placeholder.node.name] = SlotRead(
                 runtime_id=runtime.id,
                 layer=layer.index,
                 prefetch=plan.next_in_slot(layer).index,
@@ -113,8 +137,19 @@ def _plan_reads(
     return reads, runtimes
 
 
-def _compute_device(placeholders: list[ParamPlaceholder]) -> torch.device:
-    devices = {p.param.device for p in placeholders}
+def _publish_graph(gm: fx.GraphModule) -> None:
+    """The rewritten graph: a DEBUG log line, and a tlparse artifact under TORCH_TRACE."""
+    code = gm.print_readable(print_output=False)
+    log.debug("offload: rewritten graph\n%s", code)
+    trace_structured(
+        "artifact",
+        metadata_fn=lambda: {"name": "offload_rewritten_graph", "encoding": "string"},
+        payload_fn=lambda: code,
+    )
+
+
+def _compute_device(params: list[torch.Tensor]) -> torch.device:
+    devices = {p.device for p in params}
     if len(devices) != 1:
         raise ValueError(
             f"the layers' parameters are on several devices ({sorted(map(str, devices))}); "

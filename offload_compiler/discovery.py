@@ -2,10 +2,11 @@
 
 Dynamo hands the backend parameters as placeholders whose ``meta["grapharg"].source`` spells the
 attribute path from a frame local or global, e.g.
-``L['self']._modules['layers']._modules['3']._modules['mlp']._parameters['weight']``. The path
-gives the parameter's fully qualified name relative to the root module, and so its layer index in
-the ModuleList: that index is global across the model, so several graphs of one model (graph
-breaks) agree on layer numbers and slots.
+``L['self']._modules['layers']._modules['3']._modules['mlp']._parameters['weight']``. Its base
+is the module the graph reaches the parameter from; the layer list is found on the outermost such
+module, and parameters are matched to layers by identity. Layer indices are positions in that
+ModuleList, global across the model, so several graphs of one model (graph breaks) agree on
+layer numbers and slots.
 """
 
 from __future__ import annotations
@@ -13,8 +14,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import torch
 from torch import fx, nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+# Parameter -> (path, ModuleList) of the layer list it belongs to, for every list that was
+# planned. Lets a graph that reaches a layer's parameters from the layer alone (a graph break
+# inside the loop over the layers makes Dynamo compile each layer's forward on its own) find
+# the list that place_model or an earlier graph already discovered.
+_KNOWN_LAYER_LISTS = WeakIdKeyDictionary()
 
 
 class LayerDiscoveryError(ValueError):
@@ -47,9 +54,27 @@ def find_layer_list(root: nn.Module, path: str | None = None) -> tuple[str, nn.M
         raise LayerDiscoveryError(
             f"{type(root).__name__} has no nn.ModuleList of blocks with parameters to offload; "
             "offloading works on the repeated layers of a model (e.g. model.layers). Name the "
-            "list with the option layers_path='...'."
+            "list with the option layers_path='...'. If a graph break makes Dynamo compile each "
+            "layer on its own, call offload_compiler.place_model(model, options) first so that "
+            "the layers are known."
         )
     return max(candidates, key=lambda item: len(item[1]))
+
+
+def remember_layer_list(path: str, layers: nn.ModuleList) -> None:
+    """Record that ``layers`` (at ``path`` in its model) is the list of repeated blocks."""
+    for param in layers.parameters():
+        _KNOWN_LAYER_LISTS[param] = (path, layers)
+
+
+def known_layer_lists(params: list[nn.Parameter]) -> list[tuple[str, nn.ModuleList]]:
+    """The remembered layer lists that hold any of ``params``."""
+    found: dict[int, tuple[str, nn.ModuleList]] = {}
+    for param in params:
+        entry = _KNOWN_LAYER_LISTS.get(param)
+        if entry is not None:
+            found.setdefault(id(entry[1]), entry)
+    return list(found.values())
 
 
 def _candidate_lists(root: nn.Module) -> list[tuple[str, nn.ModuleList]]:
@@ -68,20 +93,25 @@ def _candidates(root: nn.Module) -> str:
 
 @dataclass(frozen=True)
 class ParamPlaceholder:
-    """A placeholder of Dynamo's graph that reads a parameter of ``root``."""
+    """A placeholder of Dynamo's graph that reads a parameter."""
 
     node: fx.Node
-    root: nn.Module
-    fqn: str  # relative to root, e.g. "layers.3.mlp.weight"
-    param: torch.Tensor
+    param: nn.Parameter
 
 
-# <base>(._modules['a'])*._parameters['w']: the shape of a parameter source under
-# inline_inbuilt_nn_modules. The base is evaluated in the frame to find the root module.
-_PARAM_SOURCE = re.compile(
-    r"^(?P<base>.+?)(?P<mods>(?:\._modules\['[^']+'\])*)\._parameters\['(?P<param>[^']+)'\]$"
-)
-_MODULE_KEY = re.compile(r"\._modules\['([^']+)'\]")
+def param_placeholders(gm: fx.GraphModule) -> list[ParamPlaceholder]:
+    """Every placeholder of ``gm`` whose value is an ``nn.Parameter``."""
+    found = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        example = getattr(node.meta.get("grapharg"), "example", None)
+        if isinstance(example, nn.Parameter):
+            found.append(ParamPlaceholder(node, example))
+    return found
+
+
+# The base of a parameter source under inline_inbuilt_nn_modules, e.g. L['self'] in
+# L['self']._modules['layers']._modules['3']._parameters['weight'].
+_SOURCE_BASE = re.compile(r"^(?P<base>.+?)(?:\._modules\['[^']+'\])*\._parameters\['[^']+'\]$")
 
 
 def _source_name(source: object) -> str:
@@ -89,7 +119,7 @@ def _source_name(source: object) -> str:
     return name() if callable(name) else name
 
 
-def _frame_scope() -> dict[str, object]:
+def _frame_scope() -> dict[str, dict[str, object]]:
     """``L`` and ``G`` of the frame Dynamo is compiling, to evaluate placeholder sources."""
     from torch._dynamo.symbolic_convert import InstructionTranslator
 
@@ -99,23 +129,29 @@ def _frame_scope() -> dict[str, object]:
     return {"L": tx.f_locals, "G": tx.f_globals}
 
 
-def param_placeholders(gm: fx.GraphModule) -> list[ParamPlaceholder]:
-    """Every placeholder of ``gm`` that is a parameter of an ``nn.Module``, with its root."""
-    scope: dict[str, object] | None = None
-    found = []
-    for node in gm.graph.find_nodes(op="placeholder"):
-        grapharg = node.meta.get("grapharg")
-        example = getattr(grapharg, "example", None)
-        if not isinstance(example, nn.Parameter):
-            continue
-        match = _PARAM_SOURCE.match(_source_name(grapharg.source))
-        if match is None:
-            continue
-        if scope is None:
-            scope = _frame_scope()
-        root = eval(match["base"], {}, scope)  # a source is a Python expression over L and G
-        if not isinstance(root, nn.Module):
-            continue
-        fqn = ".".join([*_MODULE_KEY.findall(match["mods"]), match["param"]])
-        found.append(ParamPlaceholder(node, root, fqn, example))
-    return found
+def candidate_roots(gm: fx.GraphModule) -> list[nn.Module]:
+    """The outermost modules the graph's parameters are reached from.
+
+    Those are the bases of the parameters' sources and the modules among the frame's locals.
+    The locals matter after a graph break inside a loop over the layers: the resumed frame
+    reaches the current layer's parameters through the loop variable (``L['layer']``), while
+    ``L['self']`` is the model that holds the layer list. Modules inside another candidate are
+    dropped, so a block's own ModuleList (experts, say) is never taken for the model's layers.
+    """
+    scope = _frame_scope()
+    modules: dict[int, nn.Module] = {}
+    for placeholder in param_placeholders(gm):
+        match = _SOURCE_BASE.match(_source_name(placeholder.node.meta["grapharg"].source))
+        if match is not None:
+            base = eval(match["base"], {}, scope)  # a source is a Python expression over L, G
+            if isinstance(base, nn.Module):
+                modules.setdefault(id(base), base)
+    if not modules:
+        return []
+    for value in scope["L"].values():
+        if isinstance(value, nn.Module):
+            modules.setdefault(id(value), value)
+    inner = {
+        id(sub) for module in modules.values() for sub in module.modules() if sub is not module
+    }
+    return [module for key, module in modules.items() if key not in inner]

@@ -147,7 +147,7 @@ class OffloadPrefetchPass:
         for _, (runtime_id, layer), first, last, readers in spans:
             token = tokens[runtime_id]
             live_in = _live_in(graph, first, last, order, is_anchor)
-            live_in = _ensure_readers_follow(graph, first, last, readers, live_in, order, fake_mode)
+            live_in = _ensure_readers_follow(graph, first, last, readers, live_in, order)
             with graph.inserting_before(first):
                 wait = graph.call_function(
                     ops.WAIT_PREFETCH, ([token, *live_in], runtime_id, layer)
@@ -288,8 +288,9 @@ def _ensure_readers_follow(graph, first, last, readers, live_in, order, fake_mod
     for inp in inputs:
         with graph.inserting_before(first):
             clone = graph.call_function(torch.clone, (inp,))
-        with fake_mode:
-            clone.meta["example_value"] = torch.clone(inp.meta["example_value"])
+        example = inp.meta["example_value"]
+        with example.fake_mode:
+            clone.meta["example_value"] = torch.clone(example)
         for node in span:
             node.replace_input_with(inp, clone)
         clones.append(clone)

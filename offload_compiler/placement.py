@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import OffloadConfig
-from .discovery import find_layer_list
+from .discovery import find_layer_list, remember_layer_list
 from .planning import plan_prefetch
 from .pool import offload_parameter
 
@@ -38,6 +38,7 @@ def place_model(
     offloaded: set[int] = set()
     if config.selected_backend == "prefetch":
         path, layers = find_layer_list(model, config.layers_path)
+        remember_layer_list(path, layers)
         plan = plan_prefetch(layers, path, config.prefetch)
         for layer in plan.layers:
             params = dict(layers[layer.index].named_parameters())

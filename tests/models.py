@@ -32,10 +32,24 @@ class MLPStack(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj_in(x)
-        for i, block in enumerate(self.blocks):
+        split = len(self.blocks) if self.graph_break_after is None else self.graph_break_after + 1
+        for block in self.blocks[:split]:
             x = block(x)
-            if i == self.graph_break_after:
-                torch._dynamo.graph_break()
+        if split < len(self.blocks):
+            torch._dynamo.graph_break()  # Dynamo resumes in a second graph
+            for block in self.blocks[split:]:
+                x = block(x)
+        return x
+
+
+class PerLayerBreaks(MLPStack):
+    """A graph break inside the loop: Dynamo compiles each block's forward on its own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj_in(x)
+        for block in self.blocks:
+            x = block(x)
+            torch._dynamo.graph_break()
         return x
 
 

@@ -1,0 +1,71 @@
+"""Helpers that run the real rewrite on Dynamo's graph and print it compactly for expecttest."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import fx
+
+from offload_compiler.backend import plan_slot_reads
+from offload_compiler.config import OffloadConfig
+from offload_compiler.fx_pass import OffloadPrefetchPass, Rewrite
+
+_OPS = {"wait_prefetch", "start_prefetch", "join_after_forward"}
+
+
+def rewrites(model: torch.nn.Module, options: Mapping[str, Any], *inputs: Any) -> list[Rewrite]:
+    """The rewrite of every graph Dynamo makes of ``model(*inputs)`` (graph breaks: several)."""
+    config = OffloadConfig.from_options(options)
+    found: list[Rewrite] = []
+
+    def backend(gm: fx.GraphModule, example_inputs: list[torch.Tensor]):
+        reads, _ = plan_slot_reads(gm, config)
+        found.append(OffloadPrefetchPass(reads, config.compute_hash())(gm))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(*inputs)
+    torch._dynamo.reset()
+    return found
+
+
+def _short(name: str) -> str:
+    name = re.sub(r"^l_(self|s)_modules_", "", name)
+    name = name.replace("_modules_", ".").replace("_parameters_", ".")
+    name = re.sub(r"offload_slot_r\d+_", "slot_", name)
+    return name.rstrip("_")
+
+
+def _arg(arg: Any) -> str:
+    if isinstance(arg, fx.Node):
+        return _short(arg.name)
+    if isinstance(arg, (list, tuple)):
+        return "[" + ", ".join(_arg(a) for a in arg) + "]"
+    return repr(arg)
+
+
+def summary(gm: fx.GraphModule) -> str:
+    """One line per node: slot placeholders, computations, and the offload ops with their
+    layer and anchors (runtime ids left out: they depend on test order)."""
+    lines = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if node.name.startswith("offload_slot"):
+                lines.append(f"slot {_short(node.name)}")
+            continue
+        if node.op == "output":
+            lines.append(f"return {_arg(node.args[0])}")
+            continue
+        target = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        if target in _OPS:
+            anchors, *rest = node.args
+            layer = f"layer={rest[1]}, " if len(rest) > 1 else ""
+            lines.append(f"{target}({layer}anchors={_arg(anchors)})")
+        else:
+            args = ", ".join(_arg(a) for a in node.args)
+            lines.append(f"{_short(node.name)} = {target}({args})")
+    return "\n".join(lines)

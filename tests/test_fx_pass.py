@@ -1,0 +1,334 @@
+"""The FX rewrite's graph structure, asserted with expecttest on small models."""
+
+from __future__ import annotations
+
+import expecttest
+import pytest
+import torch
+from torch._dynamo.exc import BackendCompilerFailed
+
+from tests.graphs import rewrites, summary
+from tests.models import LlamaShaped, MLPStack
+
+
+def _options(group: int, num: int, step: int, **prefetch) -> dict:
+    return {
+        "prefetch": {
+            "offload_group_size": group,
+            "offload_num_in_group": num,
+            "offload_prefetch_step": step,
+            **prefetch,
+        }
+    }
+
+
+def _mlp(layers: int = 4, **kw) -> tuple[MLPStack, torch.Tensor]:
+    torch.manual_seed(0)
+    return MLPStack(layers=layers, dim=8, **kw), torch.randn(2, 8)
+
+
+class TestGraphStructure(expecttest.TestCase):
+    def test_prefetch_step_1_one_slot_shared_by_every_layer(self):
+        model, x = _mlp(layers=3)
+        (rewrite,) = rewrites(model, _options(1, 1, 1), x)
+        self.assertExpectedInline(
+            summary(rewrite.gm),
+            """\
+slot slot_s0_fc_weight
+slot slot_s0_fc_bias
+empty = empty([0])
+x = linear(l_x, proj_in.weight, proj_in.bias)
+_log_api_usage_once = _log_api_usage_once('python.nn_module')
+wait_prefetch(layer=0, anchors=[empty, x])
+linear_1 = linear(x, slot_s0_fc_weight, slot_s0_fc_bias)
+start_prefetch(layer=1, anchors=[empty, linear_1])
+relu = relu(linear_1)
+x_1 = add(relu, x)
+wait_prefetch(layer=1, anchors=[empty, x_1])
+linear_2 = linear(x_1, slot_s0_fc_weight, slot_s0_fc_bias)
+start_prefetch(layer=2, anchors=[empty, linear_2])
+relu_1 = relu(linear_2)
+x_2 = add(relu_1, x_1)
+wait_prefetch(layer=2, anchors=[empty, x_2])
+linear_3 = linear(x_2, slot_s0_fc_weight, slot_s0_fc_bias)
+start_prefetch(layer=0, anchors=[empty, linear_3])
+relu_2 = relu(linear_3)
+x_3 = add(relu_2, x_2)
+join_after_forward(anchors=[empty])
+return [x_3, empty]""",
+        )
+
+    def test_prefetch_step_2_alternates_two_slots(self):
+        model, x = _mlp(layers=4)
+        (rewrite,) = rewrites(model, _options(1, 1, 2), x)
+        self.assertExpectedInline(
+            summary(rewrite.gm),
+            """\
+slot slot_s0_fc_weight
+slot slot_s0_fc_bias
+slot slot_s1_fc_weight
+slot slot_s1_fc_bias
+empty = empty([0])
+x = linear(l_x, proj_in.weight, proj_in.bias)
+_log_api_usage_once = _log_api_usage_once('python.nn_module')
+wait_prefetch(layer=0, anchors=[empty, x])
+linear_1 = linear(x, slot_s0_fc_weight, slot_s0_fc_bias)
+start_prefetch(layer=2, anchors=[empty, linear_1])
+relu = relu(linear_1)
+x_1 = add(relu, x)
+wait_prefetch(layer=1, anchors=[empty, x_1])
+linear_2 = linear(x_1, slot_s1_fc_weight, slot_s1_fc_bias)
+start_prefetch(layer=3, anchors=[empty, linear_2])
+relu_1 = relu(linear_2)
+x_2 = add(relu_1, x_1)
+wait_prefetch(layer=2, anchors=[empty, x_2])
+linear_3 = linear(x_2, slot_s0_fc_weight, slot_s0_fc_bias)
+start_prefetch(layer=0, anchors=[empty, linear_3])
+relu_2 = relu(linear_3)
+x_3 = add(relu_2, x_2)
+wait_prefetch(layer=3, anchors=[empty, x_3])
+linear_4 = linear(x_3, slot_s1_fc_weight, slot_s1_fc_bias)
+start_prefetch(layer=1, anchors=[empty, linear_4])
+relu_3 = relu(linear_4)
+x_4 = add(relu_3, x_3)
+join_after_forward(anchors=[empty])
+return [x_4, empty]""",
+        )
+
+    def test_prefetch_step_3_wraps_to_the_next_user_of_each_slot(self):
+        # 4 offloaded layers, 3 slots: layer 3 shares slot 0 with layer 0. Layers 1 and 2 are
+        # the last users of their slots, so they prefetch layers 1 and 2 of the next forward.
+        model, x = _mlp(layers=4)
+        (rewrite,) = rewrites(model, _options(1, 1, 3), x)
+        self.assertExpectedInline(
+            summary(rewrite.gm),
+            """\
+slot slot_s0_fc_weight
+slot slot_s0_fc_bias
+slot slot_s1_fc_weight
+slot slot_s1_fc_bias
+slot slot_s2_fc_weight
+slot slot_s2_fc_bias
+empty = empty([0])
+x = linear(l_x, proj_in.weight, proj_in.bias)
+_log_api_usage_once = _log_api_usage_once('python.nn_module')
+wait_prefetch(layer=0, anchors=[empty, x])
+linear_1 = linear(x, slot_s0_fc_weight, slot_s0_fc_bias)
+start_prefetch(layer=3, anchors=[empty, linear_1])
+relu = relu(linear_1)
+x_1 = add(relu, x)
+wait_prefetch(layer=1, anchors=[empty, x_1])
+linear_2 = linear(x_1, slot_s1_fc_weight, slot_s1_fc_bias)
+start_prefetch(layer=1, anchors=[empty, linear_2])
+relu_1 = relu(linear_2)
+x_2 = add(relu_1, x_1)
+wait_prefetch(layer=2, anchors=[empty, x_2])
+linear_3 = linear(x_2, slot_s2_fc_weight, slot_s2_fc_bias)
+start_prefetch(layer=2, anchors=[empty, linear_3])
+relu_2 = relu(linear_3)
+x_3 = add(relu_2, x_2)
+wait_prefetch(layer=3, anchors=[empty, x_3])
+linear_4 = linear(x_3, slot_s0_fc_weight, slot_s0_fc_bias)
+start_prefetch(layer=0, anchors=[empty, linear_4])
+relu_3 = relu(linear_4)
+x_4 = add(relu_3, x_3)
+join_after_forward(anchors=[empty])
+return [x_4, empty]""",
+        )
+
+    def test_group_pattern_offloads_last_of_each_group(self):
+        model, x = _mlp(layers=4)
+        (rewrite,) = rewrites(model, _options(2, 1, 1), x)
+        self.assertExpectedInline(
+            summary(rewrite.gm),
+            """\
+slot slot_s0_fc_weight
+slot slot_s0_fc_bias
+empty = empty([0])
+x = linear(l_x, proj_in.weight, proj_in.bias)
+_log_api_usage_once = _log_api_usage_once('python.nn_module')
+linear_1 = linear(x, blocks.0.fc.weight, blocks.0.fc.bias)
+relu = relu(linear_1)
+x_1 = add(relu, x)
+wait_prefetch(layer=1, anchors=[empty, x_1])
+linear_2 = linear(x_1, slot_s0_fc_weight, slot_s0_fc_bias)
+start_prefetch(layer=3, anchors=[empty, linear_2])
+relu_1 = relu(linear_2)
+x_2 = add(relu_1, x_1)
+linear_3 = linear(x_2, blocks.2.fc.weight, blocks.2.fc.bias)
+relu_2 = relu(linear_3)
+x_3 = add(relu_2, x_2)
+wait_prefetch(layer=3, anchors=[empty, x_3])
+linear_4 = linear(x_3, slot_s0_fc_weight, slot_s0_fc_bias)
+start_prefetch(layer=1, anchors=[empty, linear_4])
+relu_3 = relu(linear_4)
+x_4 = add(relu_3, x_3)
+join_after_forward(anchors=[empty])
+return [x_4, empty]""",
+        )
+
+    def test_offload_params_selects_only_matching_parameters(self):
+        model, x = _mlp(layers=2)
+        (rewrite,) = rewrites(model, _options(1, 1, 1, offload_params=["fc.weight"]), x)
+        self.assertExpectedInline(
+            summary(rewrite.gm),
+            """\
+slot slot_s0_fc_weight
+empty = empty([0])
+x = linear(l_x, proj_in.weight, proj_in.bias)
+_log_api_usage_once = _log_api_usage_once('python.nn_module')
+wait_prefetch(layer=0, anchors=[empty, x])
+linear_1 = linear(x, slot_s0_fc_weight, blocks.0.fc.bias)
+start_prefetch(layer=1, anchors=[empty, linear_1])
+relu = relu(linear_1)
+x_1 = add(relu, x)
+wait_prefetch(layer=1, anchors=[empty, x_1])
+linear_2 = linear(x_1, slot_s0_fc_weight, blocks.1.fc.bias)
+start_prefetch(layer=0, anchors=[empty, linear_2])
+relu_1 = relu(linear_2)
+x_2 = add(relu_1, x_1)
+join_after_forward(anchors=[empty])
+return [x_2, empty]""",
+        )
+
+    def test_graph_break_between_layers_keeps_global_layer_numbers(self):
+        model, x = _mlp(layers=4, graph_break_after=1)
+        first, second = rewrites(model, _options(1, 1, 2), x)
+        self.assertExpectedInline(
+            summary(first.gm),
+            """\
+slot slot_s0_fc_weight
+slot slot_s0_fc_bias
+slot slot_s1_fc_weight
+slot slot_s1_fc_bias
+empty = empty([0])
+x = linear(l_x, proj_in.weight, proj_in.bias)
+_log_api_usage_once = _log_api_usage_once('python.nn_module')
+wait_prefetch(layer=0, anchors=[empty, x])
+linear_1 = linear(x, slot_s0_fc_weight, slot_s0_fc_bias)
+start_prefetch(layer=2, anchors=[empty, linear_1])
+relu = relu(linear_1)
+x_1 = add(relu, x)
+wait_prefetch(layer=1, anchors=[empty, x_1])
+linear_2 = linear(x_1, slot_s1_fc_weight, slot_s1_fc_bias)
+start_prefetch(layer=3, anchors=[empty, linear_2])
+relu_1 = relu(linear_2)
+x_2 = add(relu_1, x_1)
+join_after_forward(anchors=[empty])
+return [x_2, empty]""",
+        )
+        self.assertExpectedInline(
+            summary(second.gm),
+            """\
+slot slot_s0_fc_weight
+slot slot_s0_fc_bias
+slot slot_s1_fc_weight
+slot slot_s1_fc_bias
+empty = empty([0])
+_log_api_usage_once = _log_api_usage_once('python.nn_module')
+clone = clone(l_x)
+wait_prefetch(layer=2, anchors=[empty, clone])
+linear = linear(clone, slot_s0_fc_weight, slot_s0_fc_bias)
+start_prefetch(layer=0, anchors=[empty, linear])
+relu = relu(linear)
+x = add(relu, l_x)
+wait_prefetch(layer=3, anchors=[empty, x])
+linear_1 = linear(x, slot_s1_fc_weight, slot_s1_fc_bias)
+start_prefetch(layer=1, anchors=[empty, linear_1])
+relu_1 = relu(linear_1)
+x_1 = add(relu_1, x)
+join_after_forward(anchors=[empty])
+return [x_1, empty]""",
+        )
+
+    def test_llama_layer_wait_anchors_live_activations_and_start_anchors_layer_outputs(self):
+        torch.manual_seed(0)
+        model = LlamaShaped(layers=2, dim=16, heads=2, kv_heads=1, hidden=32, vocab=32)
+        (rewrite,) = rewrites(model, _options(2, 1, 1), torch.randint(0, 32, (1, 4)))
+        ops = [
+            line
+            for line in summary(rewrite.gm).splitlines()
+            if "prefetch" in line or "join" in line or "slot" in line
+        ]
+        self.assertExpectedInline(
+            "\n".join(ops),
+            """\
+slot slot_s0_input_norm_weight
+slot slot_s0_q_proj_weight
+slot slot_s0_k_proj_weight
+slot slot_s0_v_proj_weight
+slot slot_s0_o_proj_weight
+slot slot_s0_post_norm_weight
+slot slot_s0_gate_proj_weight
+slot slot_s0_up_proj_weight
+slot slot_s0_down_proj_weight
+wait_prefetch(layer=1, anchors=[empty, mul_5, x_2])
+h_2 = mul(mul_5, slot_s0_input_norm_weight)
+linear_7 = linear(h_2, slot_s0_q_proj_weight, None)
+linear_8 = linear(h_2, slot_s0_k_proj_weight, None)
+linear_9 = linear(h_2, slot_s0_v_proj_weight, None)
+linear_10 = linear(reshape_1, slot_s0_o_proj_weight, None)
+h_3 = mul(mul_7, slot_s0_post_norm_weight)
+linear_11 = linear(h_3, slot_s0_gate_proj_weight, None)
+linear_12 = linear(h_3, slot_s0_up_proj_weight, None)
+linear_13 = linear(mul_9, slot_s0_down_proj_weight, None)
+start_prefetch(layer=1, anchors=[empty, x_3, linear_13])
+join_after_forward(anchors=[empty])""",
+        )
+
+
+def test_slots_are_appended_as_static_inputs():
+    model, x = _mlp(layers=4)
+    (rewrite,) = rewrites(model, _options(1, 1, 2), x)
+    placeholders = rewrite.gm.graph.find_nodes(op="placeholder")
+    slots = placeholders[-len(rewrite.slots) :]
+    assert len(rewrite.slots) == 4  # fc.weight and fc.bias, two slots
+    for node, tensor in zip(slots, rewrite.slots, strict=True):
+        assert node.name.startswith("offload_slot_")
+        assert node.meta["tensor_dict"]["_dynamo_static_input_type"] == "unguarded"
+        assert tuple(node.meta["example_value"].shape) == tuple(tensor.shape)
+    assert rewrite.extra_outputs == 1
+
+
+def test_offloaded_parameter_placeholders_are_left_unused():
+    model, x = _mlp(layers=2)
+    (rewrite,) = rewrites(model, _options(1, 1, 1), x)
+    for node in rewrite.gm.graph.find_nodes(op="placeholder"):
+        if "blocks" in node.name:
+            assert not node.users, node.name
+
+
+class ReturnsWeight(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))
+
+    def forward(self, x):
+        return self.layers[0](x), self.layers[1].weight.t()
+
+
+def test_returning_an_offloaded_weight_is_refused():
+    with pytest.raises(BackendCompilerFailed, match="returns a parameter of offloaded layer 1"):
+        rewrites(ReturnsWeight(), _options(1, 1, 1), torch.randn(2, 4))
+
+
+class WeightOnly(torch.nn.Module):
+    """A layer whose weight feeds work that reads no activation (here: a weight sum)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))
+
+    def forward(self, x):
+        total = x.sum()
+        for layer in self.layers:
+            total = total + layer.weight.sum() * layer.bias.sum()
+        return total
+
+
+def test_weight_only_computation_is_ordered_after_the_wait():
+    (rewrite,) = rewrites(WeightOnly(), _options(1, 1, 1), torch.randn(2, 4))
+    lines = summary(rewrite.gm).splitlines()
+    wait = next(i for i, line in enumerate(lines) if line.startswith("wait_prefetch(layer=0"))
+    first_read = next(i for i, line in enumerate(lines) if "slot_s0_weight)" in line)
+    assert wait < first_read
