@@ -273,7 +273,14 @@ def _live_in(graph, first: fx.Node, last: fx.Node, order, is_anchor) -> list[fx.
     return list(live)
 
 
-def _ensure_readers_follow(graph, first, last, readers, live_in, order, fake_mode) -> list[fx.Node]:
+def _ensure_readers_follow(
+    graph: fx.Graph,
+    first: fx.Node,
+    last: fx.Node,
+    readers: set[fx.Node],
+    live_in: list[fx.Node],
+    order: dict[fx.Node, int],
+) -> list[fx.Node]:
     """Check every slot reader depends on the wait; clone graph inputs to anchor it if not.
 
     A reader that depends on none of the wait's anchors could be scheduled before the wait.
