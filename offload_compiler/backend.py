@@ -28,7 +28,7 @@ from .discovery import (
     param_placeholders,
     remember_layer_list,
 )
-from .fx_pass import OffloadPrefetchPass, SlotRead
+from .fx_pass import OffloadPrefetchPass, Rewrite, SlotRead
 from .planning import plan_prefetch
 from .runtime import OffloadRuntime, runtime_for
 
@@ -62,10 +62,21 @@ def offload_backend(
     if not reads:
         log.info("offload: this graph reads no offloaded layer; compiling it unchanged")
         return compile_fx(gm, example_inputs, config_patches=patches)
+    _guard_parameter_identity(gm, reads)
     rewrite = OffloadPrefetchPass(reads, config.compute_hash())
     result = rewrite(gm)
     _log_summary(runtimes, reads)
     _publish_graph(result.gm)
+    return compile_rewrite(result, example_inputs, patches)
+
+
+def compile_rewrite(
+    result: Rewrite, example_inputs: list[torch.Tensor], patches: Mapping[str, Any]
+) -> Callable[..., Any]:
+    """Inductor-compile a rewritten graph; the callable takes Dynamo's inputs.
+
+    It appends the slot buffers to the inputs and drops the token outputs from the results.
+    """
     placeholders = result.gm.graph.find_nodes(op="placeholder")
     slot_examples = [n.meta["example_value"] for n in placeholders[len(example_inputs) :]]
     compiled = compile_fx(
@@ -135,6 +146,22 @@ def plan_slot_reads(
                 slot=runtime.slot_tensors(layer.index)[name],
             )
     return reads, runtimes
+
+
+def _guard_parameter_identity(gm: fx.GraphModule, reads: Mapping[str, SlotRead]) -> None:
+    """Make Dynamo recompile when the graph is called with other parameters in their place.
+
+    Dynamo does not guard on module identity (inline_inbuilt_nn_modules), so the graph of one
+    layer's forward is reused for every layer of the same class when a graph break inside the
+    loop over the layers makes it compile layers on their own. The rewrite bakes in which layer
+    (and slot) the parameters are, so it must only run for those very parameters.
+    """
+    from torch._dynamo.guards import GuardBuilder
+
+    guards = torch._guards.TracingContext.get().guards_context.dynamo_guards
+    for node in gm.graph.find_nodes(op="placeholder"):
+        if node.name in reads:
+            guards.add(node.meta["grapharg"].source.make_guard(GuardBuilder.ID_MATCH))
 
 
 def _publish_graph(gm: fx.GraphModule) -> None:
