@@ -69,3 +69,43 @@ def summary(gm: fx.GraphModule) -> str:
             args = ", ".join(_arg(a) for a in node.args)
             lines.append(f"{_short(node.name)} = {target}({args})")
     return "\n".join(lines)
+
+
+_OP_CALL = re.compile(r"torch\.ops\.offload\.(wait_prefetch|start_prefetch)\.default\(.*, (\d+)\)$")
+_ALIAS = re.compile(r"^(\w+) = (?:reinterpret_tensor\()?(\w+)\b")
+
+
+def unfenced_slot_reads(code: str, slot_args: dict[str, int], slot_of_layer: dict[int, int]):
+    """Lines of Inductor's ``call`` that read slot ``s`` while a copy into it is in flight.
+
+    ``slot_args`` maps the generated code's input names (``arg12_1``) of slot buffers to their
+    slot; ``slot_of_layer`` maps layer indices to slots. A copy into slot s is in flight from
+    ``start_prefetch(layer)`` (slot_of_layer[layer] == s) until ``wait_prefetch(layer)``.
+    """
+    start = code.index("def call(self, args):")
+    indent = len(code[:start].rsplit("\n", 1)[-1])
+    aliases = dict(slot_args)
+    in_flight: dict[int, int] = {}  # slot -> layer being copied in
+    bad = []
+    for raw in code[start:].splitlines()[1:]:
+        if raw.strip() and len(raw) - len(raw.lstrip()) <= indent:
+            break  # the end of call()
+        line = raw.strip()
+        if not line or line.startswith(("#", "del ", "assert_size_stride", "return ")):
+            continue
+        op = _OP_CALL.search(line)
+        if op:
+            kind, layer = op.group(1), int(op.group(2))
+            if kind == "start_prefetch":
+                in_flight[slot_of_layer[layer]] = layer
+            elif in_flight.get(slot_of_layer[layer]) == layer:
+                del in_flight[slot_of_layer[layer]]
+            continue
+        alias = _ALIAS.match(line)
+        if alias and alias.group(2) in aliases:
+            aliases[alias.group(1)] = aliases[alias.group(2)]
+        names = set(re.findall(r"\b\w+\b", line))
+        for name, slot in aliases.items():
+            if name in names and slot in in_flight:
+                bad.append(line)
+    return bad
