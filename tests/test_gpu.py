@@ -93,6 +93,23 @@ def test_equals_inductor_over_replays(mode, group, num, step, poison):
     )
 
 
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_graph_break_between_layers_over_replays(mode):
+    """Two graphs per forward; each joins its copies, the second prefetches for the first."""
+    torch.manual_seed(0)
+    model = MLPStack(layers=6, dim=512, graph_break_after=2).cuda()
+    reference = torch.compile(clone_model(model), mode=mode)
+    offloaded = torch.compile(
+        model, backend="offload", options=_options(1, 1, 2, mode=mode, poison_slots=True)
+    )
+    with torch.no_grad():
+        for _ in range(25):
+            x = torch.randn(64, 512, device="cuda")
+            torch.testing.assert_close(offloaded(x).clone(), reference(x).clone())
+    if mode == "reduce-overhead":
+        assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+
+
 def test_state_dict_survives_compiled_calls():
     torch.manual_seed(0)
     model = LlamaShaped(layers=4, dim=128, heads=4, kv_heads=2, hidden=256, vocab=VOCAB).cuda()
