@@ -63,7 +63,7 @@ def offload_backend(
         log.info("offload: this graph reads no offloaded layer; compiling it unchanged")
         return compile_fx(gm, example_inputs, config_patches=patches)
     _guard_parameter_identity(gm, reads)
-    rewrite = OffloadPrefetchPass(reads, config.compute_hash())
+    rewrite = OffloadPrefetchPass(reads)
     result = rewrite(gm)
     _log_summary(runtimes, reads)
     _publish_graph(result.gm)

@@ -292,14 +292,31 @@ def device_name(device: torch.device) -> str:
 def check_outputs(
     got: list[torch.Tensor], expected: list[torch.Tensor], dtype: torch.dtype
 ) -> str | None:
-    """None if every output matches, else the first mismatch's description."""
-    tolerance = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}
+    """None if every output matches, else the first mismatch's description.
+
+    Compared by relative norm error, since the two graphs fuse differently and so round
+    differently: bf16 lands near 1e-3, fp32 far under 1e-5; NaN never passes.
+    """
+    bound = 1e-2 if dtype == torch.bfloat16 else 1e-5
     for call, (out, ref) in enumerate(zip(got, expected, strict=True)):
-        try:
-            torch.testing.assert_close(out, ref, **tolerance)
-        except AssertionError as err:
-            return f"call {call}: {err}"
+        error = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+        if not error <= bound:
+            return f"call {call}: relative error {error:.3g} > {bound:g}"
     return None
+
+
+def h2d_gbps(device: torch.device, nbytes: int = 256 * 2**20) -> float:
+    """This machine's pinned host-to-device copy bandwidth, measured now."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dev.copy_(host, non_blocking=True)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        dev.copy_(host, non_blocking=True)
+    end.record()
+    torch.cuda.synchronize(device)
+    return 5 * nbytes / (start.elapsed_time(end) * 1e6)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -364,6 +381,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"  ms per forward:      offloaded {offloaded.ms_per_forward:.3f}, "
         f"resident {resident.ms_per_forward:.3f} "
         f"(median of {args.iters}); offloaded / resident = {ratio:.2f}x",
+    ]
+    if cuda:
+        gbps = h2d_gbps(device)
+        bound = max(resident.ms_per_forward, offloaded_bytes / (gbps * 1e6))
+        lines.append(
+            f"  physical bound:      max(resident, offloaded bytes / {gbps:.1f} GB/s H2D) = "
+            f"{bound:.3f} ms; offloaded / bound = {offloaded.ms_per_forward / bound:.3f}"
+        )
+    lines += [
         f"  output matches:      {'no' if mismatch else 'yes'}",
     ]
     print("\n".join(lines), flush=True)

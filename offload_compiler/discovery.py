@@ -32,7 +32,8 @@ def find_layer_list(root: nn.Module, path: str | None = None) -> tuple[str, nn.M
     """The ModuleList of repeated blocks: ``path`` if given, else the longest one in ``root``.
 
     A block is a child module that has parameters, so lists of activation functions or empty
-    containers do not count. Ties go to the first list in registration order.
+    containers do not count, nor do lists inside another list's blocks. Ties go to the first
+    list in registration order.
     """
     if path is not None:
         try:
@@ -78,12 +79,19 @@ def known_layer_lists(params: list[nn.Parameter]) -> list[tuple[str, nn.ModuleLi
 
 
 def _candidate_lists(root: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    return [
+    """Lists of blocks with parameters that are not inside another such list's blocks (the
+    experts of an MoE layer can outnumber the layers, but they are not the model's layers)."""
+    lists = [
         (name, module)
         for name, module in root.named_modules()
         if isinstance(module, nn.ModuleList)
         and len(module) > 0
         and all(any(True for _ in child.parameters()) for child in module)
+    ]
+    return [
+        (name, module)
+        for name, module in lists
+        if not any(name.startswith(f"{outer}.") for outer, _ in lists if outer != name)
     ]
 
 

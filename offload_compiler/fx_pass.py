@@ -21,11 +21,9 @@ backend returns, so the rewrite works on a copy.
 
 from __future__ import annotations
 
-import hashlib
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import fx
@@ -61,20 +59,14 @@ class Rewrite:
 class OffloadPrefetchPass:
     """Rewrites a Dynamo graph to read offloaded weights from slots, with prefetch ops.
 
-    Modelled on Inductor's custom graph passes: a small object with ``uuid()`` naming what it
-    does, so compile caches can tell two rewrites apart.
+    It runs before AOTAutograd, so the caches key it by what it produced: AOTAutograd's and
+    Inductor's FX graph cache hash the rewritten graph (slot inputs, op arguments and all), and
+    a change of configuration that changes the rewrite misses them. (Inductor's
+    CustomGraphPass.uuid() is for passes that run inside Inductor, which this one does not.)
     """
 
-    def __init__(self, reads: dict[str, SlotRead], config_hash: str) -> None:
+    def __init__(self, reads: dict[str, SlotRead]) -> None:
         self.reads = reads  # parameter placeholder name -> slot read
-        self.config_hash = config_hash
-
-    def uuid(self) -> str:
-        source = Path(__file__).read_bytes()
-        plan = sorted(
-            (name, r.runtime_id, r.layer, r.prefetch, r.slot_name) for name, r in self.reads.items()
-        )
-        return hashlib.sha256(source + repr((plan, self.config_hash)).encode()).hexdigest()
 
     def __call__(self, gm: fx.GraphModule) -> Rewrite:
         """A rewritten copy of ``gm``, the slot tensors to append to its inputs, and the number

@@ -23,7 +23,7 @@ def rewrites(model: torch.nn.Module, options: Mapping[str, Any], *inputs: Any) -
 
     def backend(gm: fx.GraphModule, example_inputs: list[torch.Tensor]):
         reads, _ = plan_slot_reads(gm, config)
-        found.append(OffloadPrefetchPass(reads, config.compute_hash())(gm))
+        found.append(OffloadPrefetchPass(reads)(gm))
         return gm.forward
 
     torch._dynamo.reset()

@@ -125,7 +125,7 @@ def _compile_with(model, options, mutate):
 
     def backend(gm, example_inputs):
         reads, _ = plan_slot_reads(gm, config)
-        rewrite = OffloadPrefetchPass(reads, config.compute_hash())(gm)
+        rewrite = OffloadPrefetchPass(reads)(gm)
         mutate(rewrite)
         rewrite.gm.recompile()
         return compile_rewrite(rewrite, example_inputs, {})

@@ -1,0 +1,99 @@
+"""Finding the layer list, and the frame's outermost modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from offload_compiler.discovery import (
+    LayerDiscoveryError,
+    candidate_roots,
+    find_layer_list,
+    known_layer_lists,
+    param_placeholders,
+    remember_layer_list,
+)
+from tests.models import LlamaShaped
+
+
+class Nested(nn.Module):
+    """A short list of blocks, a longer list of activations (no parameters), and blocks with
+    ModuleLists of their own (experts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.acts = nn.ModuleList(nn.ReLU() for _ in range(9))
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList(Expertful() for _ in range(3))
+
+    def forward(self, x):
+        for layer in self.model.layers:
+            x = layer(x)
+        return x
+
+
+class Expertful(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Linear(4, 4) for _ in range(4))
+
+    def forward(self, x):
+        return sum(e(x) for e in self.experts)
+
+
+def test_outermost_list_of_blocks_with_parameters_wins():
+    # 9 activations have no parameters; 4 experts per block outnumber the 3 layers but sit
+    # inside them
+    model = Nested()
+    assert find_layer_list(model) == ("model.layers", model.model.layers)
+    assert find_layer_list(model, "model.layers.0.experts")[0] == "model.layers.0.experts"
+
+
+def test_llama_layers_found():
+    model = LlamaShaped(layers=3, dim=8, heads=2, kv_heads=1, hidden=16, vocab=8)
+    path, layers = find_layer_list(model)
+    assert (path, layers) == ("layers", model.layers)
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("model.nothing", "does not name a submodule"),
+        ("model", "names a Module, not an nn.ModuleList"),
+        ("acts.0", "names a ReLU"),
+    ],
+)
+def test_layers_path_errors(path, message):
+    with pytest.raises(LayerDiscoveryError, match=message):
+        find_layer_list(Nested(), path)
+
+
+def test_no_list_is_a_clear_error():
+    with pytest.raises(LayerDiscoveryError, match=r"Linear has no nn\.ModuleList"):
+        find_layer_list(nn.Linear(2, 2))
+
+
+def test_remembered_lists_are_found_by_parameter():
+    model = LlamaShaped(layers=2, dim=8, heads=2, kv_heads=1, hidden=16, vocab=8)
+    assert known_layer_lists([model.layers[1].q_proj.weight]) == []
+    remember_layer_list("layers", model.layers)
+    found = known_layer_lists([model.layers[1].q_proj.weight, model.lm_head.weight])
+    assert found == [("layers", model.layers)]
+
+
+def test_candidate_roots_are_the_outermost_modules_of_the_frame():
+    model = LlamaShaped(layers=2, dim=8, heads=2, kv_heads=1, hidden=16, vocab=8)
+    seen = {}
+
+    def backend(gm, example_inputs):
+        seen["roots"] = candidate_roots(gm)
+        seen["params"] = [p.param for p in param_placeholders(gm)]
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(torch.randint(0, 8, (1, 3)))
+    torch._dynamo.reset()
+    assert seen["roots"] == [model]
+    assert {id(p) for p in seen["params"]} == {id(p) for p in model.parameters()}
