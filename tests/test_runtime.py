@@ -1,0 +1,66 @@
+"""The prefetch runtime on CPU: synchronous copies into slots, slot ownership, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offload_compiler.config import PrefetchOffloadConfig
+from offload_compiler.planning import plan_prefetch
+from offload_compiler.runtime import get_runtime, runtime_for
+from tests.models import MLPStack
+
+CPU = torch.device("cpu")
+
+
+def _runtime(step: int = 1, layers: int = 3, config_hash: str = "h"):
+    model = MLPStack(layers=layers, dim=4)
+    config = PrefetchOffloadConfig(
+        offload_group_size=1, offload_num_in_group=1, offload_prefetch_step=step
+    )
+    plan = plan_prefetch(model.blocks, "blocks", config)
+    return model, runtime_for(model.blocks, plan, CPU, config_hash, poison_slots=False)
+
+
+def test_first_layers_are_in_their_slots_from_the_start():
+    model, runtime = _runtime(step=2)
+    for layer in (0, 1):
+        assert torch.equal(runtime.slot_tensors(layer)["fc.weight"], model.blocks[layer].fc.weight)
+
+
+def test_start_copies_the_layer_into_its_shared_slot():
+    model, runtime = _runtime(step=1)
+    slot = runtime.slot_tensors(0)["fc.weight"]
+    assert slot is runtime.slot_tensors(2)["fc.weight"]  # one slot for all layers
+    runtime.start(2)
+    assert torch.equal(slot, model.blocks[2].fc.weight)
+
+
+def test_wait_refills_a_slot_that_holds_another_layer():
+    model, runtime = _runtime(step=1)
+    runtime.start(1)  # slot 0 now holds layer 1
+    runtime.wait(0)  # a forward that skipped layers: layer 0 must still read its own weights
+    assert torch.equal(runtime.slot_tensors(0)["fc.bias"], model.blocks[0].fc.bias)
+
+
+def test_same_layers_reuse_their_runtime_and_a_new_config_is_refused():
+    model, runtime = _runtime()
+    plan = runtime.plan
+    assert runtime_for(model.blocks, plan, CPU, "h", poison_slots=False) is runtime
+    with pytest.raises(ValueError, match="already offloaded with another configuration"):
+        runtime_for(model.blocks, plan, CPU, "other", poison_slots=False)
+    assert get_runtime(runtime.id) is runtime
+
+
+def test_unknown_runtime_id_is_explained():
+    with pytest.raises(RuntimeError, match="does not exist in this process"):
+        get_runtime(10_000)
+
+
+def test_not_offloaded_layer_is_an_error():
+    model = MLPStack(layers=4, dim=4)
+    config = PrefetchOffloadConfig(offload_group_size=2, offload_num_in_group=1)
+    plan = plan_prefetch(model.blocks, "blocks", config)
+    runtime = runtime_for(model.blocks, plan, CPU, "h", poison_slots=False)
+    with pytest.raises(RuntimeError, match="layer 0 of blocks is not offloaded"):
+        runtime.wait(0)
