@@ -58,8 +58,7 @@ def runtime_for(
     """The runtime of ``layers``, created (weights moved to host, slots filled) on first use."""
     runtime = _BY_LAYER_LIST.get(layers)
     if runtime is None:
-        runtime = OffloadRuntime(len(_RUNTIMES), layers, plan, device, poison_slots)
-        runtime.config_hash = config_hash
+        runtime = OffloadRuntime(len(_RUNTIMES), layers, plan, device, config_hash, poison_slots)
         _RUNTIMES.append(runtime)
         _BY_LAYER_LIST[layers] = runtime
     elif runtime.config_hash != config_hash or runtime.device != device:
@@ -73,17 +72,17 @@ def runtime_for(
 class OffloadRuntime:
     """Host copies, slot buffers, copy stream and events of one offloaded ModuleList."""
 
-    config_hash: str
-
     def __init__(
         self,
         runtime_id: int,
         layers: nn.ModuleList,
         plan: OffloadPlan,
         device: torch.device,
+        config_hash: str,
         poison_slots: bool,
     ) -> None:
         self.id = runtime_id
+        self.config_hash = config_hash
         self.plan = plan
         self.device = device
         self.poison_slots = poison_slots

@@ -277,3 +277,31 @@ def test_copies_overlap_compute_on_a_side_stream(mode, tmp_path):
     assert copies, "no H2D copies were profiled"
     assert copy_streams.isdisjoint(kernel_streams), "copies ran on a compute stream"
     assert overlap_ms > 0.5 * copy_ms, "copies mostly did not overlap compute"
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_transformers_llama_equals_inductor(mode):
+    """transformers' LlamaForCausalLM, untouched: 20 calls, poisoned slots, both modes."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=VOCAB,
+    )
+    model = transformers.LlamaForCausalLM(config).cuda().eval()
+    reference = torch.compile(clone_model(model), mode=mode)
+    offloaded = torch.compile(
+        model, backend="offload", options=_options(2, 1, 2, mode=mode, poison_slots=True)
+    )
+    with torch.no_grad():
+        for _ in range(20):
+            ids = torch.randint(0, VOCAB, (2, 32), device="cuda")
+            expected = reference(ids, use_cache=False).logits.clone()
+            got = offloaded(ids, use_cache=False).logits.clone()
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    if mode == "reduce-overhead":
+        assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
