@@ -65,8 +65,9 @@ class OffloadPrefetchPass:
     CustomGraphPass.uuid() is for passes that run inside Inductor, which this one does not.)
     """
 
-    def __init__(self, reads: dict[str, SlotRead]) -> None:
+    def __init__(self, reads: dict[str, SlotRead], rejoin: bool) -> None:
         self.reads = reads  # parameter placeholder name -> slot read
+        self.rejoin = rejoin  # the graph will run as a CUDA graph: join the copies at its end
 
     def __call__(self, gm: fx.GraphModule) -> Rewrite:
         """A rewritten copy of ``gm``, the slot tensors to append to its inputs, and the number
@@ -165,7 +166,9 @@ class OffloadPrefetchPass:
         output = next(iter(graph.find_nodes(op="output")))
         for runtime_id, token in tokens.items():
             with graph.inserting_before(output):
-                join = graph.call_function(ops.JOIN_AFTER_FORWARD, ([token], runtime_id))
+                join = graph.call_function(
+                    ops.JOIN_AFTER_FORWARD, ([token], runtime_id, self.rejoin)
+                )
             join.meta["example_value"] = None
         (results,) = output.args
         output.args = ((*results, *tokens.values()),)

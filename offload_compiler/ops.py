@@ -36,9 +36,14 @@ def start_prefetch(anchors: list[torch.Tensor], runtime_id: int, layer: int) -> 
 
 
 @torch.library.custom_op("offload::join_after_forward", mutates_args=("anchors",))
-def join_after_forward(anchors: list[torch.Tensor], runtime_id: int) -> None:
-    """Rejoin the copy stream before the graph returns (required under CUDA graph capture)."""
-    get_runtime(runtime_id).join()
+def join_after_forward(anchors: list[torch.Tensor], runtime_id: int, rejoin: bool) -> None:
+    """End of the graph: rejoin the copy stream if ``rejoin`` (graphs run as CUDA graphs).
+
+    Outside CUDA graphs the copies started for the next forward keep running into it (its waits
+    use their events), which keeps the copy engine busy across the boundary.
+    """
+    if rejoin:
+        get_runtime(runtime_id).join()
 
 
 # The OpOverloads the FX pass inserts (FX names nodes after them, and Inductor lowers them).

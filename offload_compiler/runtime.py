@@ -10,9 +10,10 @@ The per-layer protocol on CUDA (offloaded layer k, slot s = k % prefetch_step):
             before this point), the copy stream waits on it, copies host -> slot, records
             ``done[k]``.
   wait(k):  the compute stream waits on ``done[k]``.
-  join():   the compute stream waits on the copy stream. Under CUDA graph capture a copy stream
-            forked from the capturing stream must rejoin before capture ends; it also means no
-            event crosses from one forward (or one captured graph) into the next.
+  join():   the compute stream waits on the copy stream, at the end of graphs that run as CUDA
+            graphs: a copy stream forked from the capturing stream must rejoin before capture
+            ends, and no event may cross from one captured graph into another. Other graphs
+            skip it, so the copies for the next forward overlap its first layers.
 Streams are looked up when an op runs, never cached at trace time, because cudagraph trees run
 warm-up and capture on their own stream. On CPU start(k) is a synchronous copy and wait/join are
 no-ops, so the compiled graph is the same and a misplaced op gives wrong numbers there too.

@@ -23,7 +23,7 @@ def rewrites(model: torch.nn.Module, options: Mapping[str, Any], *inputs: Any) -
 
     def backend(gm: fx.GraphModule, example_inputs: list[torch.Tensor]):
         reads, _ = plan_slot_reads(gm, config)
-        found.append(OffloadPrefetchPass(reads)(gm))
+        found.append(OffloadPrefetchPass(reads, rejoin=False)(gm))
         return gm.forward
 
     torch._dynamo.reset()
@@ -62,9 +62,9 @@ def summary(gm: fx.GraphModule) -> str:
             continue
         target = getattr(node.target, "__name__", str(node.target)).split(".")[0]
         if target in _OPS:
-            anchors, *rest = node.args
-            layer = f"layer={rest[1]}, " if len(rest) > 1 else ""
-            lines.append(f"{target}({layer}anchors={_arg(anchors)})")
+            anchors, _runtime_id, last = node.args
+            detail = f"rejoin={last}" if target == "join_after_forward" else f"layer={last}"
+            lines.append(f"{target}({detail}, anchors={_arg(anchors)})")
         else:
             args = ", ".join(_arg(a) for a in node.args)
             lines.append(f"{_short(node.name)} = {target}({args})")

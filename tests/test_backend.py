@@ -7,7 +7,9 @@ below compare every call, the first one included, and show that such mistakes ar
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -125,7 +127,7 @@ def _compile_with(model, options, mutate):
 
     def backend(gm, example_inputs):
         reads, _ = plan_slot_reads(gm, config)
-        rewrite = OffloadPrefetchPass(reads)(gm)
+        rewrite = OffloadPrefetchPass(reads, rejoin=False)(gm)
         mutate(rewrite)
         rewrite.gm.recompile()
         return compile_rewrite(rewrite, example_inputs, {})
@@ -286,3 +288,15 @@ def test_backend_is_found_through_the_entry_point_without_import():
         )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["offload_compiler.backend", "offload_backend"]
+
+
+@pytest.mark.parametrize(("mode", "rejoin"), [("default", False), ("reduce-overhead", True)])
+def test_join_rejoins_only_graphs_that_run_as_cuda_graphs(mode, rejoin, caplog):
+    """The rewritten graph is logged at DEBUG; its join carries whether to rejoin."""
+    torch.manual_seed(0)
+    model = MLPStack(layers=2, dim=16)
+    compiled = torch.compile(model, backend="offload", options={**_options(1, 1, 1), "mode": mode})
+    with caplog.at_level(logging.DEBUG, logger="offload_compiler.backend"), torch.no_grad():
+        compiled(_mlp_input())
+    (graph,) = [r.getMessage() for r in caplog.records if "rewritten graph" in r.getMessage()]
+    assert re.search(rf"join_after_forward\.default\(\[empty\], \d+, {rejoin}\)", graph), graph

@@ -54,7 +54,7 @@ linear_3 = linear(x_2, slot_s0_fc_weight, slot_s0_fc_bias)
 start_prefetch(layer=0, anchors=[empty, linear_3])
 relu_2 = relu(linear_3)
 x_3 = add(relu_2, x_2)
-join_after_forward(anchors=[empty])
+join_after_forward(rejoin=False, anchors=[empty])
 return [x_3, empty]""",
         )
 
@@ -91,7 +91,7 @@ linear_4 = linear(x_3, slot_s1_fc_weight, slot_s1_fc_bias)
 start_prefetch(layer=1, anchors=[empty, linear_4])
 relu_3 = relu(linear_4)
 x_4 = add(relu_3, x_3)
-join_after_forward(anchors=[empty])
+join_after_forward(rejoin=False, anchors=[empty])
 return [x_4, empty]""",
         )
 
@@ -132,7 +132,7 @@ linear_4 = linear(x_3, slot_s0_fc_weight, slot_s0_fc_bias)
 start_prefetch(layer=0, anchors=[empty, linear_4])
 relu_3 = relu(linear_4)
 x_4 = add(relu_3, x_3)
-join_after_forward(anchors=[empty])
+join_after_forward(rejoin=False, anchors=[empty])
 return [x_4, empty]""",
         )
 
@@ -163,7 +163,7 @@ linear_4 = linear(x_3, slot_s0_fc_weight, slot_s0_fc_bias)
 start_prefetch(layer=1, anchors=[empty, linear_4])
 relu_3 = relu(linear_4)
 x_4 = add(relu_3, x_3)
-join_after_forward(anchors=[empty])
+join_after_forward(rejoin=False, anchors=[empty])
 return [x_4, empty]""",
         )
 
@@ -187,7 +187,7 @@ linear_2 = linear(x_1, slot_s0_fc_weight, blocks.1.fc.bias)
 start_prefetch(layer=0, anchors=[empty, linear_2])
 relu_1 = relu(linear_2)
 x_2 = add(relu_1, x_1)
-join_after_forward(anchors=[empty])
+join_after_forward(rejoin=False, anchors=[empty])
 return [x_2, empty]""",
         )
 
@@ -214,7 +214,7 @@ linear_2 = linear(x_1, slot_s1_fc_weight, slot_s1_fc_bias)
 start_prefetch(layer=3, anchors=[empty, linear_2])
 relu_1 = relu(linear_2)
 x_2 = add(relu_1, x_1)
-join_after_forward(anchors=[empty])
+join_after_forward(rejoin=False, anchors=[empty])
 return [x_2, empty]""",
         )
         self.assertExpectedInline(
@@ -237,7 +237,7 @@ linear_1 = linear(x, slot_s1_fc_weight, slot_s1_fc_bias)
 start_prefetch(layer=1, anchors=[empty, linear_1])
 relu_1 = relu(linear_1)
 x_1 = add(relu_1, x)
-join_after_forward(anchors=[empty])
+join_after_forward(rejoin=False, anchors=[empty])
 return [x_1, empty]""",
         )
 
@@ -273,7 +273,7 @@ linear_11 = linear(h_3, slot_s0_gate_proj_weight, None)
 linear_12 = linear(h_3, slot_s0_up_proj_weight, None)
 linear_13 = linear(mul_9, slot_s0_down_proj_weight, None)
 start_prefetch(layer=1, anchors=[empty, x_3, linear_13])
-join_after_forward(anchors=[empty])""",
+join_after_forward(rejoin=False, anchors=[empty])""",
         )
 
 

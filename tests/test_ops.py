@@ -32,7 +32,7 @@ def test_ops_drive_the_runtime_and_leave_anchors_unchanged():
     ops.WAIT_PREFETCH([anchor], runtime.id, 0)
     ops.START_PREFETCH([anchor], runtime.id, 1)
     assert torch.equal(runtime.slot_tensors(1)["fc.weight"], model.blocks[1].fc.weight)
-    ops.JOIN_AFTER_FORWARD([anchor], runtime.id)
+    ops.JOIN_AFTER_FORWARD([anchor], runtime.id, True)
     assert torch.equal(anchor, before)
 
 
