@@ -23,13 +23,12 @@ from .config import OffloadConfig
 from .discovery import (
     LayerDiscoveryError,
     candidate_roots,
-    find_layer_list,
     known_layer_lists,
+    layer_list_of,
     param_placeholders,
-    remember_layer_list,
 )
 from .fx_pass import OffloadPrefetchPass, Rewrite, SlotRead
-from .planning import plan_prefetch
+from .planning import plan_prefetch, shared_parameters
 from .runtime import OffloadRuntime, runtime_for
 
 log = logging.getLogger(__name__)
@@ -107,16 +106,17 @@ def plan_slot_reads(
     errors = []
     for root in roots:
         try:
-            layer_lists.append(find_layer_list(root, config.layers_path))
+            layer_lists.append(layer_list_of(root, config.layers_path))
         except LayerDiscoveryError as err:
             errors.append(err)
     if roots and not layer_lists:
         raise errors[0]
     reads: dict[str, SlotRead] = {}
     runtimes = []
-    for path, layers in layer_lists:
-        remember_layer_list(path, layers)
-        plan = plan_prefetch(layers, path, config.prefetch)
+    for found in layer_lists:
+        path, layers = found.path, found.layers
+        shared = shared_parameters(layers, found.root)
+        plan = plan_prefetch(layers, path, config.prefetch, shared)
         if not plan.layers:
             log.warning("offload: the config selects no layer of %s to offload", path)
             continue

@@ -12,15 +12,16 @@ layer numbers and slots.
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass
 
 from torch import fx, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-# Parameter -> (path, ModuleList) of the layer list it belongs to, for every list that was
-# planned. Lets a graph that reaches a layer's parameters from the layer alone (a graph break
-# inside the loop over the layers makes Dynamo compile each layer's forward on its own) find
-# the list that place_model or an earlier graph already discovered.
+# Parameter -> LayerList it belongs to, for every list that was planned. Lets a graph that
+# reaches a layer's parameters from the layer alone (a graph break inside the loop over the
+# layers makes Dynamo compile each layer's forward on its own) find the list that place_model
+# or an earlier graph already discovered.
 _KNOWN_LAYER_LISTS = WeakIdKeyDictionary()
 
 
@@ -62,19 +63,35 @@ def find_layer_list(root: nn.Module, path: str | None = None) -> tuple[str, nn.M
     return max(candidates, key=lambda item: len(item[1]))
 
 
-def remember_layer_list(path: str, layers: nn.ModuleList) -> None:
-    """Record that ``layers`` (at ``path`` in its model) is the list of repeated blocks."""
+@dataclass(frozen=True)
+class LayerList:
+    """The repeated blocks of a model: the ModuleList, its path, and the model holding it."""
+
+    path: str
+    layers: nn.ModuleList
+    root_ref: weakref.ref[nn.Module]
+
+    @property
+    def root(self) -> nn.Module | None:
+        return self.root_ref()
+
+
+def layer_list_of(root: nn.Module, path: str | None = None) -> LayerList:
+    """`find_layer_list` on ``root``, remembered for later graphs of the same model."""
+    found_path, layers = find_layer_list(root, path)
+    entry = LayerList(found_path, layers, weakref.ref(root))
     for param in layers.parameters():
-        _KNOWN_LAYER_LISTS[param] = (path, layers)
+        _KNOWN_LAYER_LISTS[param] = entry
+    return entry
 
 
-def known_layer_lists(params: list[nn.Parameter]) -> list[tuple[str, nn.ModuleList]]:
+def known_layer_lists(params: list[nn.Parameter]) -> list[LayerList]:
     """The remembered layer lists that hold any of ``params``."""
-    found: dict[int, tuple[str, nn.ModuleList]] = {}
+    found: dict[int, LayerList] = {}
     for param in params:
         entry = _KNOWN_LAYER_LISTS.get(param)
         if entry is not None:
-            found.setdefault(id(entry[1]), entry)
+            found.setdefault(id(entry.layers), entry)
     return list(found.values())
 
 

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from .config import OffloadConfig
-from .discovery import find_layer_list, remember_layer_list
-from .planning import plan_prefetch
+from .discovery import layer_list_of
+from .planning import plan_prefetch, shared_parameters
 from .pool import offload_parameter
 
 
@@ -37,9 +37,9 @@ def place_model(
         device = torch.device("cuda", torch.cuda.current_device())
     offloaded: set[int] = set()
     if config.selected_backend == "prefetch":
-        path, layers = find_layer_list(model, config.layers_path)
-        remember_layer_list(path, layers)
-        plan = plan_prefetch(layers, path, config.prefetch)
+        found = layer_list_of(model, config.layers_path)
+        layers = found.layers
+        plan = plan_prefetch(layers, found.path, config.prefetch, shared_parameters(layers, model))
         for layer in plan.layers:
             params = dict(layers[layer.index].named_parameters())
             for name in layer.params:

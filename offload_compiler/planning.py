@@ -6,12 +6,16 @@ plan can be inspected (and tested) before anything moves.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from functools import cached_property
 
 from torch import nn
 
 from .config import PrefetchOffloadConfig, matches_segments
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,21 +64,57 @@ class OffloadPlan:
         return {layer.index: layer for layer in self.layers}
 
 
+def shared_parameters(layers: nn.ModuleList, root: nn.Module | None) -> set[int]:
+    """Ids of the layers' parameters that are also used outside their own layer.
+
+    A weight tied to another layer or to a module outside the list (an embedding tied to a
+    layer's projection, say) is read outside its layer's span, while its slot is already being
+    refilled for the next layer: such parameters stay resident.
+    """
+    owners: dict[int, set[int]] = {}
+    for index, block in enumerate(layers):
+        for param in block.parameters():
+            owners.setdefault(id(param), set()).add(index)
+    shared = {key for key, blocks in owners.items() if len(blocks) > 1}
+    if root is not None:
+        inside = {id(module) for module in layers.modules()}
+        for module in root.modules():
+            if id(module) not in inside:
+                shared.update(id(p) for p in module.parameters(recurse=False) if id(p) in owners)
+    return shared
+
+
 def plan_prefetch(
-    layers: nn.ModuleList, layers_path: str, config: PrefetchOffloadConfig
+    layers: nn.ModuleList,
+    layers_path: str,
+    config: PrefetchOffloadConfig,
+    shared: Collection[int] = (),
 ) -> OffloadPlan:
     """Choose the offloaded layers (``i % group >= group - num_in_group``) and their params.
 
     With ``offload_params`` set, only parameters whose full name matches one of its segment
-    patterns are offloaded, and a layer left with none is not offloaded at all.
+    patterns are offloaded, and a layer left with none is not offloaded at all. Parameters in
+    ``shared`` (see `shared_parameters`) are never offloaded.
     """
     chosen: list[OffloadedLayer] = []
     for index in config.offloaded_layers(len(layers)):
+        named = list(layers[index].named_parameters())
+        kept = [name for name, param in named if id(param) in shared]
+        if kept:
+            log.warning(
+                "offload: %s.%d: %s also used outside the layer; kept resident",
+                layers_path,
+                index,
+                ", ".join(kept),
+            )
         names = tuple(
             name
-            for name, _ in layers[index].named_parameters()
-            if not config.offload_params
-            or matches_segments(f"{layers_path}.{index}.{name}", config.offload_params)
+            for name, param in named
+            if id(param) not in shared
+            and (
+                not config.offload_params
+                or matches_segments(f"{layers_path}.{index}.{name}", config.offload_params)
+            )
         )
         if not names:
             continue

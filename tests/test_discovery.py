@@ -11,8 +11,8 @@ from offload_compiler.discovery import (
     candidate_roots,
     find_layer_list,
     known_layer_lists,
+    layer_list_of,
     param_placeholders,
-    remember_layer_list,
 )
 from tests.models import LlamaShaped
 
@@ -77,9 +77,10 @@ def test_no_list_is_a_clear_error():
 def test_remembered_lists_are_found_by_parameter():
     model = LlamaShaped(layers=2, dim=8, heads=2, kv_heads=1, hidden=16, vocab=8)
     assert known_layer_lists([model.layers[1].q_proj.weight]) == []
-    remember_layer_list("layers", model.layers)
+    entry = layer_list_of(model)
     found = known_layer_lists([model.layers[1].q_proj.weight, model.lm_head.weight])
-    assert found == [("layers", model.layers)]
+    assert found == [entry]
+    assert (entry.path, entry.layers, entry.root) == ("layers", model.layers, model)
 
 
 def test_candidate_roots_are_the_outermost_modules_of_the_frame():
