@@ -69,20 +69,17 @@ class LayerList:
 
     path: str
     layers: nn.ModuleList
-    root_ref: weakref.ref[nn.Module]
-
-    @property
-    def root(self) -> nn.Module | None:
-        return self.root_ref()
+    root: nn.Module | None
 
 
 def layer_list_of(root: nn.Module, path: str | None = None) -> LayerList:
     """`find_layer_list` on ``root``, remembered for later graphs of the same model."""
     found_path, layers = find_layer_list(root, path)
-    entry = LayerList(found_path, layers, weakref.ref(root))
+    # weak references: the entries must not keep their keys (the parameters) alive
+    entry = (found_path, weakref.ref(layers), weakref.ref(root))
     for param in layers.parameters():
         _KNOWN_LAYER_LISTS[param] = entry
-    return entry
+    return LayerList(found_path, layers, root)
 
 
 def known_layer_lists(params: list[nn.Parameter]) -> list[LayerList]:
@@ -90,8 +87,9 @@ def known_layer_lists(params: list[nn.Parameter]) -> list[LayerList]:
     found: dict[int, LayerList] = {}
     for param in params:
         entry = _KNOWN_LAYER_LISTS.get(param)
-        if entry is not None:
-            found.setdefault(id(entry.layers), entry)
+        layers = entry[1]() if entry is not None else None
+        if layers is not None:
+            found.setdefault(id(layers), LayerList(entry[0], layers, entry[2]()))
     return list(found.values())
 
 
