@@ -43,7 +43,7 @@ class SlotRead:
     runtime_id: int
     layer: int  # ModuleList index of the offloaded layer
     prefetch: int  # layer whose copy starts once this layer's span is over
-    slot_name: str  # placeholder name of the slot buffer (shared by layers of one slot)
+    slot_name: str  # name of the slot placeholder (shared by the layers of one slot)
     slot: torch.Tensor
 
 
@@ -106,17 +106,23 @@ class OffloadPrefetchPass:
             spans.append((order[first], key, first, last, users - reads))
 
         # 2. Slot placeholders replace parameter placeholders.
-        slot_nodes: dict[str, fx.Node] = {}
+        slot_nodes: dict[int, fx.Node] = {}  # id of the slot buffer -> its placeholder
         extra_inputs: list[torch.Tensor] = []
         last_placeholder = list(placeholders.values())[-1]
         for name, read in self.reads.items():
-            slot_node = slot_nodes.get(read.slot_name)
+            slot_node = slot_nodes.get(id(read.slot))
             if slot_node is None:
+                # layers of different shapes share a slot index but not a buffer
+                taken = {n.target for n in slot_nodes.values()}
+                target, suffix = read.slot_name, 0
+                while target in taken:
+                    suffix += 1
+                    target = f"{read.slot_name}_{suffix}"
                 with graph.inserting_after(last_placeholder):
-                    slot_node = graph.placeholder(read.slot_name)
+                    slot_node = graph.placeholder(target)
                 last_placeholder = slot_node
                 _mark_static_input(slot_node, read.slot, fake_mode)
-                slot_nodes[read.slot_name] = slot_node
+                slot_nodes[id(read.slot)] = slot_node
                 extra_inputs.append(read.slot)
             placeholders[name].replace_all_uses_with(slot_node)
         input_storages |= {_storage(n) for n in slot_nodes.values()}

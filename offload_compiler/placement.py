@@ -33,6 +33,11 @@ def place_model(
     """
     config = OffloadConfig.from_options(options)
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"place_model(device={str(device)!r}) needs a CUDA GPU and none is available; "
+            "on a CPU-only machine use device='cpu' (offloading then runs with synchronous copies)"
+        )
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     offloaded: set[int] = set()
