@@ -305,3 +305,133 @@ def test_transformers_llama_equals_inductor(mode):
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     if mode == "reduce-overhead":
         assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+
+
+def _pinned_bytes() -> int:
+    stats = torch.cuda.host_memory_stats()
+    return stats.get("allocated_bytes.current", stats.get("allocation.current", 0))
+
+
+def test_soak_1000_replays_memory_flat():
+    """1000 reduce-overhead replays with fresh inputs: equal outputs, no memory growth."""
+    torch.manual_seed(0)
+    model = LlamaShaped(layers=8, dim=256, heads=8, kv_heads=4, hidden=512, vocab=VOCAB).cuda()
+    reference = torch.compile(clone_model(model), mode="reduce-overhead")
+    offloaded = torch.compile(
+        model,
+        backend="offload",
+        options=_options(2, 1, 2, mode="reduce-overhead", poison_slots=True),
+    )
+    inputs = torch.randint(0, VOCAB, (1000, 2, 32), device="cuda")
+    worst = 0.0
+    with torch.no_grad():
+        for i in range(1000):
+            expected = reference(inputs[i]).clone()
+            got = offloaded(inputs[i])
+            worst = max(worst, (got - expected).abs().max().item())
+            if i == 9:
+                torch.cuda.synchronize()
+                gpu_early, pinned_early = torch.cuda.memory_allocated(), _pinned_bytes()
+    torch.cuda.synchronize()
+    gpu_late, pinned_late = torch.cuda.memory_allocated(), _pinned_bytes()
+    _record(
+        "soak_1000",
+        {
+            "max_abs_diff": worst,
+            "gpu_bytes_after_10": gpu_early,
+            "gpu_bytes_after_1000": gpu_late,
+            "pinned_bytes_after_10": pinned_early,
+            "pinned_bytes_after_1000": pinned_late,
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
+        },
+    )
+    assert worst <= 1e-4
+    assert gpu_late == gpu_early and pinned_late == pinned_early
+    assert counters["inductor"]["cudagraph_skips"] == 0
+
+
+@pytest.mark.parametrize("dynamic", [True, None])
+def test_new_shapes_do_not_grow_gpu_memory(dynamic):
+    torch.manual_seed(0)
+    model = LlamaShaped(layers=8, dim=512, heads=8, kv_heads=4, hidden=1024, vocab=VOCAB).cuda()
+    reference = torch.compile(clone_model(model), dynamic=dynamic)
+    offloaded = torch.compile(model, backend="offload", options=_options(2, 1, 2), dynamic=dynamic)
+    sizes = []
+    with torch.no_grad():
+        for length in (8, 16, 24, 40, 8):
+            ids = torch.randint(0, VOCAB, (1, length), device="cuda")
+            torch.testing.assert_close(offloaded(ids), reference(ids), rtol=1e-4, atol=1e-4)
+            torch.cuda.synchronize()
+            sizes.append(torch.cuda.memory_allocated())
+    _record(f"dynamic_shapes[{dynamic}]", {"memory_allocated_after_each_shape": sizes})
+    assert max(sizes) - min(sizes) < 2**20  # activations come and go; no second weight copy
+
+
+def test_two_models_each_with_own_pool_and_stream():
+    from offload_compiler.runtime import _BY_LAYER_LIST
+
+    torch.manual_seed(0)
+    a = LlamaShaped(layers=4, dim=256, heads=8, kv_heads=4, hidden=512, vocab=VOCAB).cuda()
+    b = MLPStack(layers=6, dim=512).cuda()
+    ref_a, ref_b = torch.compile(clone_model(a)), torch.compile(clone_model(b))
+    ca = torch.compile(a, backend="offload", options=_options(1, 1, 2, poison_slots=True))
+    cb = torch.compile(b, backend="offload", options=_options(2, 1, 1, poison_slots=True))
+    with torch.no_grad():
+        for _ in range(10):
+            ids, x = (
+                torch.randint(0, VOCAB, (2, 16), device="cuda"),
+                torch.randn(32, 512, device="cuda"),
+            )
+            torch.testing.assert_close(ca(ids), ref_a(ids), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(cb(x), ref_b(x), rtol=1e-4, atol=1e-4)
+    ra, rb = _BY_LAYER_LIST[a.layers], _BY_LAYER_LIST[b.blocks]
+    assert ra._copy_stream != rb._copy_stream
+    assert ra.pool is not rb.pool
+
+
+@pytest.mark.parametrize("which", ["gpt2", "mixtral"])
+def test_transformers_gpt2_and_mixtral_experts(which):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if which == "gpt2":
+        config = transformers.GPT2Config(
+            n_embd=512, n_layer=8, n_head=8, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0
+        )
+        model, prefetch = transformers.GPT2LMHeadModel(config), _options(2, 1, 2)
+    else:
+        config = transformers.MixtralConfig(
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            vocab_size=VOCAB,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+        )
+        model = transformers.MixtralForCausalLM(config)
+        prefetch = _options(1, 1, 2)
+        prefetch["prefetch"]["offload_params"] = ["experts"]
+    model = model.cuda().eval()
+    reference = torch.compile(clone_model(model))
+    offloaded = torch.compile(model, backend="offload", options={**prefetch, "poison_slots": True})
+    with torch.no_grad():
+        for _ in range(10):
+            ids = torch.randint(0, VOCAB, (2, 32), device="cuda")
+            torch.testing.assert_close(
+                offloaded(ids, use_cache=False).logits,
+                reference(ids, use_cache=False).logits,
+                rtol=1e-4,
+                atol=1e-4,
+            )
+
+
+def test_inputs_on_the_wrong_device_fail_and_leave_the_model_intact():
+    torch.manual_seed(0)
+    model = MLPStack(layers=4, dim=64).cuda()
+    before = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    compiled = torch.compile(model, backend="offload", options=_options(1, 1, 1))
+    with pytest.raises(Exception, match=r"(?i)device"), torch.no_grad():
+        compiled(torch.randn(2, 64))  # CPU input, CUDA model
+    after = model.state_dict()
+    assert all(torch.equal(after[k].cpu(), v) for k, v in before.items())
