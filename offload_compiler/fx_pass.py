@@ -143,8 +143,11 @@ class OffloadPrefetchPass:
         spans.sort(key=operator.itemgetter(0))
 
         is_anchor = _anchor_test(input_storages)
+        span_start = {key: first for _, key, first, _, _ in spans}
+        top_of_graph = dict(tokens)  # runtime -> node after which graph-top starts go
         for _, (runtime_id, layer), first, last, readers in spans:
             token = tokens[runtime_id]
+            target = prefetch_of[(runtime_id, layer)]
             live_in = _live_in(graph, first, last, order, is_anchor)
             live_in = _ensure_readers_follow(graph, first, last, readers, live_in, order)
             with graph.inserting_before(first):
@@ -153,6 +156,23 @@ class OffloadPrefetchPass:
                 )
             wait.meta["example_value"] = None
             order = {node: i for i, node in enumerate(graph.nodes)}
+            target_first = span_start.get((runtime_id, target))
+            if (
+                self.rejoin
+                and target_first is not None
+                and order[target_first] < order[first]
+                and _work(graph, None, target_first) > _work(graph, last, None)
+            ):
+                # A copy for the next forward that would start with less work left in this
+                # graph than comes before its reader in the next one: under CUDA graphs the
+                # join would wait for it at the end, so start it at the top of the next call
+                # instead (its slot's last reader then belongs to the previous call).
+                with graph.inserting_after(top_of_graph[runtime_id]):
+                    start = graph.call_function(ops.START_PREFETCH, ([token], runtime_id, target))
+                start.meta["example_value"] = None
+                top_of_graph[runtime_id] = start
+                order = {node: i for i, node in enumerate(graph.nodes)}
+                continue
             live_out = _live_out(graph, readers, last, order, is_anchor)
             if not live_out:
                 raise UnsupportedGraphError(
@@ -161,8 +181,7 @@ class OffloadPrefetchPass:
                 )
             with graph.inserting_after(last):
                 start = graph.call_function(
-                    ops.START_PREFETCH,
-                    ([token, *live_out], runtime_id, prefetch_of[(runtime_id, layer)]),
+                    ops.START_PREFETCH, ([token, *live_out], runtime_id, target)
                 )
             start.meta["example_value"] = None
             order = {node: i for i, node in enumerate(graph.nodes)}
@@ -181,6 +200,19 @@ class OffloadPrefetchPass:
         graph.lint()
         new_gm.recompile()
         return Rewrite(new_gm, extra_inputs, len(tokens))
+
+
+def _work(graph: fx.Graph, after: fx.Node | None, before: fx.Node | None) -> int:
+    """Computations strictly between ``after`` and ``before`` (None: the graph's ends): a
+    proxy for how much compute a copy started there can hide behind."""
+    count, counting = 0, after is None
+    for node in graph.nodes:
+        if node is before:
+            break
+        if counting and node.op in ("call_function", "call_method", "call_module"):
+            count += node.target not in (ops.WAIT_PREFETCH, ops.START_PREFETCH)
+        counting = counting or node is after
+    return count
 
 
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:

@@ -16,14 +16,17 @@ from offload_compiler.fx_pass import OffloadPrefetchPass, Rewrite
 _OPS = {"wait_prefetch", "start_prefetch", "join_after_forward"}
 
 
-def rewrites(model: torch.nn.Module, options: Mapping[str, Any], *inputs: Any) -> list[Rewrite]:
-    """The rewrite of every graph Dynamo makes of ``model(*inputs)`` (graph breaks: several)."""
+def rewrites(
+    model: torch.nn.Module, options: Mapping[str, Any], *inputs: Any, rejoin: bool = False
+) -> list[Rewrite]:
+    """The rewrite of every graph Dynamo makes of ``model(*inputs)`` (graph breaks: several);
+    ``rejoin`` as for graphs that run as CUDA graphs."""
     config = OffloadConfig.from_options(options)
     found: list[Rewrite] = []
 
     def backend(gm: fx.GraphModule, example_inputs: list[torch.Tensor]):
         reads, _ = plan_slot_reads(gm, config)
-        found.append(OffloadPrefetchPass(reads, rejoin=False)(gm))
+        found.append(OffloadPrefetchPass(reads, rejoin=rejoin)(gm))
         return gm.forward
 
     torch._dynamo.reset()

@@ -300,3 +300,13 @@ def test_join_rejoins_only_graphs_that_run_as_cuda_graphs(mode, rejoin, caplog):
         compiled(_mlp_input())
     (graph,) = [r.getMessage() for r in caplog.records if "rewritten graph" in r.getMessage()]
     assert re.search(rf"join_after_forward\.default\(\[empty\], \d+, {rejoin}\)", graph), graph
+
+
+@pytest.mark.parametrize("step", [1, 2, 3])
+def test_reduce_overhead_rewrite_with_graph_top_starts_equals_inductor(step):
+    """With mode reduce-overhead the graph rejoins at its end and starts some copies for the
+    next call at its top (see fx_pass); on CPU the same graph runs without CUDA graphs."""
+    torch.manual_seed(0)
+    options = {**_options(1, 1, step), "mode": "reduce-overhead"}
+    worst = _compare(MLPStack(layers=6, dim=16), options, _mlp_input, calls=4)
+    assert max(worst) <= 1e-5, worst

@@ -241,6 +241,45 @@ join_after_forward(rejoin=False, anchors=[empty])
 return [x_1, empty]""",
         )
 
+    def test_under_cuda_graphs_a_copy_with_no_work_left_starts_at_the_top(self):
+        # Layer 3 is the last user of slot 1; copying layer 1 in after it would leave nothing
+        # to overlap before the join. Under CUDA graphs it starts at the top of the next call.
+        model, x = _mlp(layers=4)
+        (rewrite,) = rewrites(model, _options(1, 1, 2), x, rejoin=True)
+        self.assertExpectedInline(
+            summary(rewrite.gm),
+            """\
+slot slot_s0_fc_weight
+slot slot_s0_fc_bias
+slot slot_s1_fc_weight
+slot slot_s1_fc_bias
+empty = empty([0])
+start_prefetch(layer=1, anchors=[empty])
+x = linear(l_x, proj_in.weight, proj_in.bias)
+_log_api_usage_once = _log_api_usage_once('python.nn_module')
+wait_prefetch(layer=0, anchors=[empty, x])
+linear_1 = linear(x, slot_s0_fc_weight, slot_s0_fc_bias)
+start_prefetch(layer=2, anchors=[empty, linear_1])
+relu = relu(linear_1)
+x_1 = add(relu, x)
+wait_prefetch(layer=1, anchors=[empty, x_1])
+linear_2 = linear(x_1, slot_s1_fc_weight, slot_s1_fc_bias)
+start_prefetch(layer=3, anchors=[empty, linear_2])
+relu_1 = relu(linear_2)
+x_2 = add(relu_1, x_1)
+wait_prefetch(layer=2, anchors=[empty, x_2])
+linear_3 = linear(x_2, slot_s0_fc_weight, slot_s0_fc_bias)
+start_prefetch(layer=0, anchors=[empty, linear_3])
+relu_2 = relu(linear_3)
+x_3 = add(relu_2, x_2)
+wait_prefetch(layer=3, anchors=[empty, x_3])
+linear_4 = linear(x_3, slot_s1_fc_weight, slot_s1_fc_bias)
+relu_3 = relu(linear_4)
+x_4 = add(relu_3, x_3)
+join_after_forward(rejoin=True, anchors=[empty])
+return [x_4, empty]""",
+        )
+
     def test_llama_layer_wait_anchors_live_activations_and_start_anchors_layer_outputs(self):
         torch.manual_seed(0)
         model = LlamaShaped(layers=2, dim=16, heads=2, kv_heads=1, hidden=32, vocab=32)
