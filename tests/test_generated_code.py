@@ -50,13 +50,13 @@ def _generated(model, layers, options, x):
     return code, slot_args, slot_of_layer
 
 
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 @pytest.mark.parametrize("step", [1, 2])
-def test_mlp_slots_are_not_read_while_being_refilled(step):
+def test_mlp_slots_are_not_read_while_being_refilled(step, mode):
     torch.manual_seed(0)
     model = MLPStack(layers=4, dim=16)
-    code, slot_args, slot_of_layer = _generated(
-        model, model.blocks, _options(1, 1, step), torch.randn(2, 16)
-    )
+    options = {**_options(1, 1, step), "mode": mode}
+    code, slot_args, slot_of_layer = _generated(model, model.blocks, options, torch.randn(2, 16))
     assert code.count("torch.ops.offload.start_prefetch") == 4
     assert code.count("torch.ops.offload.wait_prefetch") == 4
     assert code.count("torch.ops.offload.join_after_forward") == 1
