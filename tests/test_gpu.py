@@ -275,8 +275,12 @@ def test_copies_overlap_compute_on_a_side_stream(mode, tmp_path):
     }
     _record(f"overlap[{mode}]", figures)
     assert copies, "no H2D copies were profiled"
-    assert copy_streams.isdisjoint(kernel_streams), "copies ran on a compute stream"
+    if mode == "default":
+        # (in CUDA graph replays the trace gives the launch's stream, not the captured ones;
+        # there the overlap itself shows the copies ran beside the kernels)
+        assert copy_streams.isdisjoint(kernel_streams), "copies ran on a compute stream"
     assert overlap_ms > 0.5 * copy_ms, "copies mostly did not overlap compute"
+    assert t_offload < 1.05 * max(t_resident, layers * layer_bytes / (54e9 / 1e3))
 
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
