@@ -166,13 +166,14 @@ def _guard_parameter_identity(gm: fx.GraphModule, reads: Mapping[str, SlotRead])
 
 
 def _publish_graph(gm: fx.GraphModule) -> None:
-    """The rewritten graph: a DEBUG log line, and a tlparse artifact under TORCH_TRACE."""
-    code = gm.print_readable(print_output=False)
-    log.debug("offload: rewritten graph\n%s", code)
+    """The rewritten graph: a DEBUG log line, and a tlparse artifact under TORCH_TRACE (both
+    built only when asked for: printing a large graph takes a while)."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("offload: rewritten graph\n%s", gm.print_readable(print_output=False))
     trace_structured(
         "artifact",
         metadata_fn=lambda: {"name": "offload_rewritten_graph", "encoding": "string"},
-        payload_fn=lambda: code,
+        payload_fn=lambda: gm.print_readable(print_output=False),
     )
 
 

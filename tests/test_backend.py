@@ -22,27 +22,10 @@ import offload_compiler
 from offload_compiler import OffloadConfig
 from offload_compiler.backend import compile_rewrite, offload_backend, plan_slot_reads
 from offload_compiler.fx_pass import OffloadPrefetchPass
+from tests.common import prefetch_options
 from tests.models import LlamaShaped, MLPStack, PerLayerBreaks, clone_model
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _options(group: int, num: int, step: int, **prefetch) -> dict:
-    return {
-        "prefetch": {
-            "offload_group_size": group,
-            "offload_num_in_group": num,
-            "offload_prefetch_step": step,
-            **prefetch,
-        }
-    }
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def _compare(model, options, make_input, calls: int = 4, reference=None):
@@ -75,7 +58,7 @@ def _mlp_input():
 )
 def test_mlp_equals_inductor_on_every_call(group, num, step, params):
     torch.manual_seed(0)
-    options = _options(group, num, step, offload_params=list(params))
+    options = prefetch_options(group, num, step, offload_params=list(params))
     worst = _compare(MLPStack(layers=6, dim=16), options, _mlp_input)
     assert max(worst) <= 1e-5, worst
 
@@ -84,13 +67,17 @@ def test_mlp_equals_inductor_on_every_call(group, num, step, params):
 def test_llama_equals_inductor_on_every_call(group, num, step):
     torch.manual_seed(0)
     model = LlamaShaped(layers=4, dim=32, heads=4, kv_heads=2, hidden=64, vocab=64)
-    worst = _compare(model, _options(group, num, step), lambda: torch.randint(0, 64, (2, 12)))
+    worst = _compare(
+        model, prefetch_options(group, num, step), lambda: torch.randint(0, 64, (2, 12))
+    )
     assert max(worst) <= 1e-5, worst
 
 
 def test_graph_break_between_layers_equals_inductor():
     torch.manual_seed(0)
-    worst = _compare(MLPStack(layers=6, dim=16, graph_break_after=2), _options(1, 1, 2), _mlp_input)
+    worst = _compare(
+        MLPStack(layers=6, dim=16, graph_break_after=2), prefetch_options(1, 1, 2), _mlp_input
+    )
     assert max(worst) <= 1e-5, worst
 
 
@@ -99,7 +86,7 @@ def test_graph_break_inside_the_layer_loop_with_place_model():
     torch.manual_seed(0)
     model = PerLayerBreaks(layers=4, dim=16)
     reference = torch.compile(clone_model(model))
-    options = _options(1, 1, 2)
+    options = prefetch_options(1, 1, 2)
     offload_compiler.place_model(model, options, "cpu")
     worst = _compare(model, options, _mlp_input, reference=reference)
     assert max(worst) <= 1e-5, worst
@@ -110,7 +97,7 @@ def test_state_dict_reads_back_bit_for_bit():
     model = LlamaShaped(layers=4, dim=32, heads=4, kv_heads=2, hidden=64, vocab=64)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     named_before = {k: v.clone() for k, v in model.named_parameters()}
-    compiled = torch.compile(model, backend="offload", options=_options(1, 1, 1))
+    compiled = torch.compile(model, backend="offload", options=prefetch_options(1, 1, 1))
     with torch.no_grad():
         for _ in range(3):
             compiled(torch.randint(0, 64, (1, 8)))
@@ -155,7 +142,10 @@ def test_a_start_prefetch_before_the_layers_reads_gives_wrong_numbers():
         wait.append(start)
 
     torch.manual_seed(0)
-    assert _first_call_error(MLPStack(layers=4, dim=16), _options(1, 1, 1), misplace_start) > 1e-2
+    assert (
+        _first_call_error(MLPStack(layers=4, dim=16), prefetch_options(1, 1, 1), misplace_start)
+        > 1e-2
+    )
 
 
 def test_reading_the_wrong_slot_gives_wrong_numbers():
@@ -169,12 +159,14 @@ def test_reading_the_wrong_slot_gives_wrong_numbers():
             old.replace_all_uses_with(new)
 
     torch.manual_seed(0)
-    assert _first_call_error(MLPStack(layers=4, dim=16), _options(1, 1, 2), swap_slots) > 1e-2
+    assert (
+        _first_call_error(MLPStack(layers=4, dim=16), prefetch_options(1, 1, 2), swap_slots) > 1e-2
+    )
 
 
-def test_options_accept_a_config_instance_and_no_options():
+def test_options_accept_a_config_instance_and_noprefetch_options():
     torch.manual_seed(0)
-    config = OffloadConfig.model_validate(_options(2, 1, 1))
+    config = OffloadConfig.model_validate(prefetch_options(2, 1, 1))
     assert max(_compare(MLPStack(layers=4, dim=16), config, _mlp_input, calls=2)) <= 1e-5
     torch._dynamo.reset()
     model = MLPStack(layers=4, dim=16)
@@ -184,9 +176,9 @@ def test_options_accept_a_config_instance_and_no_options():
         torch.testing.assert_close(plain(x), model(x))
 
 
-def test_mode_travels_in_the_options():
+def test_mode_travels_in_theprefetch_options():
     torch.manual_seed(0)
-    options = {**_options(1, 1, 1), "mode": "max-autotune-no-cudagraphs"}
+    options = {**prefetch_options(1, 1, 1), "mode": "max-autotune-no-cudagraphs"}
     assert max(_compare(MLPStack(layers=3, dim=16), options, _mlp_input, calls=2)) <= 1e-5
 
 
@@ -199,7 +191,7 @@ def test_unknown_option_is_a_named_error():
 
 def test_grad_mode_is_refused_with_a_clear_error():
     model = MLPStack(layers=2, dim=16)
-    compiled = torch.compile(model, backend="offload", options=_options(1, 1, 1))
+    compiled = torch.compile(model, backend="offload", options=prefetch_options(1, 1, 1))
     with pytest.raises(BackendCompilerFailed, match="inference only"):
         compiled(_mlp_input())
 
@@ -214,7 +206,7 @@ class NoLayers(torch.nn.Module):
 
 
 def test_model_without_a_layer_list_is_a_clear_error():
-    compiled = torch.compile(NoLayers(), backend="offload", options=_options(1, 1, 1))
+    compiled = torch.compile(NoLayers(), backend="offload", options=prefetch_options(1, 1, 1))
     with (
         pytest.raises(BackendCompilerFailed, match=r"no nn\.ModuleList of blocks"),
         torch.no_grad(),
@@ -239,17 +231,17 @@ def test_layers_path_overrides_the_longest_list():
 
     torch.manual_seed(0)
     x = torch.randn(2, 4)
-    (default,) = rewrites(TwoLists(), _options(1, 1, 1), x)
+    (default,) = rewrites(TwoLists(), prefetch_options(1, 1, 1), x)
     assert "blocks" not in summary(default.gm)
     waits = [line for line in summary(default.gm).splitlines() if "wait_prefetch" in line]
     assert len(waits) == 3
-    (chosen,) = rewrites(TwoLists(), {**_options(1, 1, 1), "layers_path": "decoder"}, x)
+    (chosen,) = rewrites(TwoLists(), {**prefetch_options(1, 1, 1), "layers_path": "decoder"}, x)
     chosen_summary = summary(chosen.gm)
     assert "encoder.0.weight" in chosen_summary
     assert len([ln for ln in chosen_summary.splitlines() if "wait_prefetch" in ln]) == 2
     torch._dynamo.reset()
     bad = torch.compile(
-        TwoLists(), backend="offload", options={**_options(1, 1, 1), "layers_path": "nope"}
+        TwoLists(), backend="offload", options={**prefetch_options(1, 1, 1), "layers_path": "nope"}
     )
     with pytest.raises(BackendCompilerFailed, match="layers_path='nope'"), torch.no_grad():
         bad(x)
@@ -295,7 +287,9 @@ def test_join_rejoins_only_graphs_that_run_as_cuda_graphs(mode, rejoin, caplog):
     """The rewritten graph is logged at DEBUG; its join carries whether to rejoin."""
     torch.manual_seed(0)
     model = MLPStack(layers=2, dim=16)
-    compiled = torch.compile(model, backend="offload", options={**_options(1, 1, 1), "mode": mode})
+    compiled = torch.compile(
+        model, backend="offload", options={**prefetch_options(1, 1, 1), "mode": mode}
+    )
     with caplog.at_level(logging.DEBUG, logger="offload_compiler.backend"), torch.no_grad():
         compiled(_mlp_input())
     (graph,) = [r.getMessage() for r in caplog.records if "rewritten graph" in r.getMessage()]
@@ -307,6 +301,6 @@ def test_reduce_overhead_rewrite_with_graph_top_starts_equals_inductor(step):
     """With mode reduce-overhead the graph rejoins at its end and starts some copies for the
     next call at its top (see fx_pass); on CPU the same graph runs without CUDA graphs."""
     torch.manual_seed(0)
-    options = {**_options(1, 1, step), "mode": "reduce-overhead"}
+    options = {**prefetch_options(1, 1, step), "mode": "reduce-overhead"}
     worst = _compare(MLPStack(layers=6, dim=16), options, _mlp_input, calls=4)
     assert max(worst) <= 1e-5, worst

@@ -11,24 +11,8 @@ from torch import nn
 
 import offload_compiler
 from offload_compiler import runtime as runtime_module
+from tests.common import prefetch_options
 from tests.models import MLPStack, clone_model
-
-
-def _options(group: int = 1, num: int = 1, step: int = 1) -> dict:
-    return {
-        "prefetch": {
-            "offload_group_size": group,
-            "offload_num_in_group": num,
-            "offload_prefetch_step": step,
-        }
-    }
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def _equal_over_calls(model, options, make_input, calls=3):
@@ -59,7 +43,7 @@ def test_weight_tied_outside_its_layer_stays_resident(caplog):
     torch.manual_seed(0)
     model = TiedHead()
     with caplog.at_level(logging.WARNING, logger="offload_compiler"):
-        _equal_over_calls(model, _options(step=2), lambda: torch.randn(3, 16))
+        _equal_over_calls(model, prefetch_options(step=2), lambda: torch.randn(3, 16))
     assert any("layers.1: weight also used outside the layer" in r.message for r in caplog.records)
     plan = runtime_module._BY_LAYER_LIST[model.layers].plan
     assert [layer.index for layer in plan.layers] == [0, 2, 3]
@@ -70,7 +54,7 @@ def test_parameter_shared_by_two_layers_stays_resident(caplog):
     model = MLPStack(layers=4, dim=16)
     model.blocks[3].fc.weight = model.blocks[0].fc.weight
     with caplog.at_level(logging.WARNING, logger="offload_compiler"):
-        _equal_over_calls(model, _options(step=2), lambda: torch.randn(3, 16))
+        _equal_over_calls(model, prefetch_options(step=2), lambda: torch.randn(3, 16))
     plan = runtime_module._BY_LAYER_LIST[model.blocks].plan
     assert plan.layer_at(0).params == ("fc.bias",)
     assert plan.layer_at(3).params == ("fc.bias",)
@@ -101,7 +85,7 @@ class WithBuffers(nn.Module):
 def test_buffers_in_offloaded_layers_stay_resident_and_are_used():
     torch.manual_seed(0)
     model = WithBuffers()
-    _equal_over_calls(model, _options(step=1), lambda: torch.randn(3, 16))
+    _equal_over_calls(model, prefetch_options(step=1), lambda: torch.randn(3, 16))
     plan = runtime_module._BY_LAYER_LIST[model.layers].plan
     assert all(layer.params == ("fc.weight", "fc.bias") for layer in plan.layers)
 
@@ -124,7 +108,7 @@ class Funnel(nn.Module):
 def test_layers_of_different_shapes_get_their_own_slot_buffers(step):
     torch.manual_seed(0)
     model = Funnel()
-    _equal_over_calls(model, _options(step=step), lambda: torch.randn(3, 16))
+    _equal_over_calls(model, prefetch_options(step=step), lambda: torch.randn(3, 16))
     runtime = runtime_module._BY_LAYER_LIST[model.layers]
     for layer in range(4):
         slots = runtime.slot_tensors(layer)
@@ -134,7 +118,7 @@ def test_layers_of_different_shapes_get_their_own_slot_buffers(step):
 def test_training_mode_under_no_grad_is_correct():
     torch.manual_seed(0)
     model = MLPStack(layers=4, dim=16).train()
-    _equal_over_calls(model, _options(step=2), lambda: torch.randn(3, 16))
+    _equal_over_calls(model, prefetch_options(step=2), lambda: torch.randn(3, 16))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
@@ -142,5 +126,5 @@ def test_place_model_on_cuda_without_a_gpu_is_a_clear_error():
     model = MLPStack(layers=2, dim=16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(RuntimeError, match="needs a CUDA GPU and none is available"):
-        offload_compiler.place_model(model, _options(), "cuda")
+        offload_compiler.place_model(model, prefetch_options(), "cuda")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

@@ -16,18 +16,9 @@ from torch._inductor.utils import run_and_get_code
 
 from offload_compiler.config import OffloadConfig
 from offload_compiler.planning import plan_prefetch
+from tests.common import prefetch_options
 from tests.graphs import rewrites, unfenced_slot_reads
 from tests.models import LlamaShaped, MLPStack
-
-
-def _options(group: int, num: int, step: int) -> dict:
-    return {
-        "prefetch": {
-            "offload_group_size": group,
-            "offload_num_in_group": num,
-            "offload_prefetch_step": step,
-        }
-    }
 
 
 def _generated(model, layers, options, x):
@@ -55,7 +46,7 @@ def _generated(model, layers, options, x):
 def test_mlp_slots_are_not_read_while_being_refilled(step, mode):
     torch.manual_seed(0)
     model = MLPStack(layers=4, dim=16)
-    options = {**_options(1, 1, step), "mode": mode}
+    options = {**prefetch_options(1, 1, step), "mode": mode}
     code, slot_args, slot_of_layer = _generated(model, model.blocks, options, torch.randn(2, 16))
     assert code.count("torch.ops.offload.start_prefetch") == 4
     assert code.count("torch.ops.offload.wait_prefetch") == 4
@@ -67,7 +58,7 @@ def test_llama_slots_are_not_read_while_being_refilled():
     torch.manual_seed(0)
     model = LlamaShaped(layers=4, dim=32, heads=4, kv_heads=2, hidden=64, vocab=64)
     code, slot_args, slot_of_layer = _generated(
-        model, model.layers, _options(1, 1, 1), torch.randint(0, 64, (1, 8))
+        model, model.layers, prefetch_options(1, 1, 1), torch.randint(0, 64, (1, 8))
     )
     assert unfenced_slot_reads(code, slot_args, slot_of_layer) == []
     # the ops come in layer order: wait(0) start(1) wait(1) start(2) ... start(0) join

@@ -17,6 +17,7 @@ from torch._dynamo.utils import counters
 
 import offload_compiler
 from offload_compiler.pool import host_copy
+from tests.common import prefetch_options
 from tests.models import LlamaShaped, MLPStack, clone_model
 
 pytestmark = [
@@ -35,23 +36,10 @@ def _record(name: str, figures: dict) -> None:
             f.write(json.dumps({"test": name, **figures}) + "\n")
 
 
-def _options(group: int, num: int, step: int, **extra) -> dict:
-    return {
-        "prefetch": {
-            "offload_group_size": group,
-            "offload_num_in_group": num,
-            "offload_prefetch_step": step,
-        },
-        **extra,
-    }
-
-
 @pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
+def _fresh_counters_and_memory():
     counters.clear()
     yield
-    torch._dynamo.reset()
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -71,7 +59,9 @@ def test_equals_inductor_over_replays(mode, group, num, step, poison):
     model = LlamaShaped(layers=8, dim=256, heads=8, kv_heads=4, hidden=512, vocab=VOCAB).cuda()
     reference = torch.compile(clone_model(model), mode=mode)
     offloaded = torch.compile(
-        model, backend="offload", options=_options(group, num, step, mode=mode, poison_slots=poison)
+        model,
+        backend="offload",
+        options=prefetch_options(group, num, step, mode=mode, poison_slots=poison),
     )
     worst = 0.0
     with torch.no_grad():
@@ -100,7 +90,7 @@ def test_graph_break_between_layers_over_replays(mode):
     model = MLPStack(layers=6, dim=512, graph_break_after=2).cuda()
     reference = torch.compile(clone_model(model), mode=mode)
     offloaded = torch.compile(
-        model, backend="offload", options=_options(1, 1, 2, mode=mode, poison_slots=True)
+        model, backend="offload", options=prefetch_options(1, 1, 2, mode=mode, poison_slots=True)
     )
     with torch.no_grad():
         for _ in range(25):
@@ -115,7 +105,7 @@ def test_state_dict_survives_compiled_calls():
     model = LlamaShaped(layers=4, dim=128, heads=4, kv_heads=2, hidden=256, vocab=VOCAB).cuda()
     original = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     compiled = torch.compile(
-        model, backend="offload", options=_options(2, 1, 1, mode="reduce-overhead")
+        model, backend="offload", options=prefetch_options(2, 1, 1, mode="reduce-overhead")
     )
     with torch.no_grad():
         for _ in range(5):
@@ -145,7 +135,7 @@ def test_gpu_memory_drops_to_slot_pool():
         model(ids)  # allocates what any forward keeps (the cuBLAS workspace)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    compiled = torch.compile(model, backend="offload", options=_options(2, 1, 2))
+    compiled = torch.compile(model, backend="offload", options=prefetch_options(2, 1, 2))
     with torch.no_grad():
         out = compiled(ids)
     del out
@@ -173,7 +163,7 @@ def test_place_model_never_holds_the_whole_model():
     reference_model = clone_model(model)
     total = sum(p.nbytes for p in model.parameters())
     layer_bytes = sum(p.nbytes for p in model.layers[0].parameters())
-    options = _options(1, 1, 2)  # every layer offloaded, two slots
+    options = prefetch_options(1, 1, 2)  # every layer offloaded, two slots
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -226,7 +216,7 @@ def test_copies_overlap_compute_on_a_side_stream(mode, tmp_path):
     dim, layers = 4096, 8
     model = MLPStack(layers=layers, dim=dim).cuda()
     reference = torch.compile(clone_model(model), mode=mode)
-    compiled = torch.compile(model, backend="offload", options=_options(1, 1, 2, mode=mode))
+    compiled = torch.compile(model, backend="offload", options=prefetch_options(1, 1, 2, mode=mode))
     x = torch.randn(4096, dim, device="cuda")
     with torch.no_grad():
         for _ in range(3):
@@ -300,7 +290,7 @@ def test_transformers_llama_equals_inductor(mode):
     model = transformers.LlamaForCausalLM(config).cuda().eval()
     reference = torch.compile(clone_model(model), mode=mode)
     offloaded = torch.compile(
-        model, backend="offload", options=_options(2, 1, 2, mode=mode, poison_slots=True)
+        model, backend="offload", options=prefetch_options(2, 1, 2, mode=mode, poison_slots=True)
     )
     with torch.no_grad():
         for _ in range(20):
@@ -325,7 +315,7 @@ def test_soak_1000_replays_memory_flat():
     offloaded = torch.compile(
         model,
         backend="offload",
-        options=_options(2, 1, 2, mode="reduce-overhead", poison_slots=True),
+        options=prefetch_options(2, 1, 2, mode="reduce-overhead", poison_slots=True),
     )
     inputs = torch.randint(0, VOCAB, (1000, 2, 32), device="cuda")
     worst = 0.0
@@ -360,7 +350,9 @@ def test_new_shapes_do_not_grow_gpu_memory(dynamic):
     torch.manual_seed(0)
     model = LlamaShaped(layers=8, dim=512, heads=8, kv_heads=4, hidden=1024, vocab=VOCAB).cuda()
     reference = torch.compile(clone_model(model), dynamic=dynamic)
-    offloaded = torch.compile(model, backend="offload", options=_options(2, 1, 2), dynamic=dynamic)
+    offloaded = torch.compile(
+        model, backend="offload", options=prefetch_options(2, 1, 2), dynamic=dynamic
+    )
     sizes = []
     with torch.no_grad():
         for length in (8, 16, 24, 40, 8):
@@ -379,8 +371,8 @@ def test_two_models_each_with_own_pool_and_stream():
     a = LlamaShaped(layers=4, dim=256, heads=8, kv_heads=4, hidden=512, vocab=VOCAB).cuda()
     b = MLPStack(layers=6, dim=512).cuda()
     ref_a, ref_b = torch.compile(clone_model(a)), torch.compile(clone_model(b))
-    ca = torch.compile(a, backend="offload", options=_options(1, 1, 2, poison_slots=True))
-    cb = torch.compile(b, backend="offload", options=_options(2, 1, 1, poison_slots=True))
+    ca = torch.compile(a, backend="offload", options=prefetch_options(1, 1, 2, poison_slots=True))
+    cb = torch.compile(b, backend="offload", options=prefetch_options(2, 1, 1, poison_slots=True))
     with torch.no_grad():
         for _ in range(10):
             ids, x = (
@@ -402,7 +394,7 @@ def test_transformers_gpt2_and_mixtral_experts(which):
         config = transformers.GPT2Config(
             n_embd=512, n_layer=8, n_head=8, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0
         )
-        model, prefetch = transformers.GPT2LMHeadModel(config), _options(2, 1, 2)
+        model, prefetch = transformers.GPT2LMHeadModel(config), prefetch_options(2, 1, 2)
     else:
         config = transformers.MixtralConfig(
             hidden_size=256,
@@ -415,7 +407,7 @@ def test_transformers_gpt2_and_mixtral_experts(which):
             num_experts_per_tok=2,
         )
         model = transformers.MixtralForCausalLM(config)
-        prefetch = _options(1, 1, 2)
+        prefetch = prefetch_options(1, 1, 2)
         prefetch["prefetch"]["offload_params"] = ["experts"]
     model = model.cuda().eval()
     reference = torch.compile(clone_model(model))
@@ -435,7 +427,7 @@ def test_inputs_on_the_wrong_device_fail_and_leave_the_model_intact():
     torch.manual_seed(0)
     model = MLPStack(layers=4, dim=64).cuda()
     before = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    compiled = torch.compile(model, backend="offload", options=_options(1, 1, 1))
+    compiled = torch.compile(model, backend="offload", options=prefetch_options(1, 1, 1))
     with pytest.raises(Exception, match=r"(?i)device"), torch.no_grad():
         compiled(torch.randn(2, 64))  # CPU input, CUDA model
     after = model.state_dict()
