@@ -9,7 +9,8 @@ own wrapper maps it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import torch
@@ -27,9 +28,10 @@ from .discovery import (
     layer_list_of,
     param_placeholders,
 )
-from .fx_pass import OffloadPrefetchPass, Rewrite, SlotRead
-from .planning import plan_prefetch, shared_parameters
-from .runtime import OffloadRuntime, runtime_for
+from .fx_pass import FetchRead, OffloadPrefetchPass, Rewrite, SlotRead, UVAFetchPass
+from .planning import plan_prefetch, plan_uva, shared_parameters
+from .pool import offload_parameter
+from .runtime import OffloadRuntime, fetcher_for, runtime_for
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,11 @@ log = logging.getLogger(__name__)
 # top of the graph (no overlap at all) and peak-memory reordering may move a weight-only kernel
 # ahead of the wait for its weights.
 _ORDER_PRESERVING = {"reorder_for_locality": False, "reorder_for_peak_memory": False}
+
+_INFERENCE_ONLY = (
+    "the offload backend compiles inference only: call the compiled model under "
+    "torch.no_grad() or torch.inference_mode()"
+)
 
 
 def offload_backend(
@@ -52,16 +59,21 @@ def offload_backend(
     if config.selected_backend is None:
         return compile_fx(gm, example_inputs, config_patches=patches)
     if config.selected_backend == "uva":
-        raise NotImplementedError(
-            "offload_backend='uva' is not implemented yet; use the prefetch backend "
-            "(prefetch.offload_group_size > 0)"
-        )
+        with unset_fake_temporarily():
+            fetches = plan_uva_reads(gm, config)
+        if not fetches:  # read in place through device views: the graph stays as it is
+            _publish_graph(gm)
+            return compile_fx(gm, example_inputs, config_patches=patches)
+        _guard_parameter_identity(gm, fetches.keys())
+        result = UVAFetchPass(fetches)(gm)
+        _publish_graph(result.gm)
+        return compile_rewrite(result, example_inputs, patches)
     with unset_fake_temporarily():
         reads, runtimes = plan_slot_reads(gm, config)
     if not reads:
         log.info("offload: this graph reads no offloaded layer; compiling it unchanged")
         return compile_fx(gm, example_inputs, config_patches=patches)
-    _guard_parameter_identity(gm, reads)
+    _guard_parameter_identity(gm, reads.keys())
     cudagraphs = patches.get("triton.cudagraphs", torch._inductor.config.triton.cudagraphs)
     rewrite = OffloadPrefetchPass(reads, rejoin=bool(cudagraphs))
     result = rewrite(gm)
@@ -87,7 +99,8 @@ def compile_rewrite(
     slots, extra = result.slots, result.extra_outputs
 
     def run(*args: Any) -> Any:
-        return compiled(*args, *slots)[:-extra]
+        outputs = compiled(*args, *slots)
+        return outputs[:-extra] if extra else outputs
 
     return run
 
@@ -130,10 +143,7 @@ def plan_slot_reads(
             continue
         params = [placeholder.param for *_, placeholder in in_graph]
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            raise RuntimeError(
-                "the offload backend compiles inference only: call the compiled model under "
-                "torch.no_grad() or torch.inference_mode()"
-            )
+            raise RuntimeError(_INFERENCE_ONLY)
         runtime = runtime_for(
             layers, plan, _compute_device(params), config.compute_hash(), config.poison_slots
         )
@@ -149,7 +159,57 @@ def plan_slot_reads(
     return reads, runtimes
 
 
-def _guard_parameter_identity(gm: fx.GraphModule, reads: Mapping[str, SlotRead]) -> None:
+def unified_addressing_disabled() -> bool:
+    """The environment's say (``OFFLOAD_COMPILER_DISABLE_UVA=1``), as vLLM's
+    ``VLLM_WEIGHT_OFFLOADING_DISABLE_UVA``."""
+    return os.environ.get("OFFLOAD_COMPILER_DISABLE_UVA", "0") not in ("", "0")
+
+
+def plan_uva_reads(gm: fx.GraphModule, config: OffloadConfig) -> dict[str, FetchRead]:
+    """Offload the UVA plan's parameters to pinned host memory; say which placeholders must
+    be copied to the device before use (none when the device reads host memory in place).
+
+    On CUDA each offloaded parameter becomes a device view of its pinned copy, which compiled
+    graphs read in place (zero copy) unless unified addressing is disabled, by the option
+    ``uva.use_unified_addressing`` or the environment. On a CPU-only machine there is no
+    device view and the graph gets the explicit copies.
+    """
+    placeholders = {id(p.param): p for p in param_placeholders(gm)}
+    reads: dict[str, FetchRead] = {}
+    for root in candidate_roots(gm):
+        plan = plan_uva(root, config.uva)
+        params = dict(root.named_parameters())
+        chosen = [params[name] for name in plan.params]
+        if not chosen:
+            continue
+        if torch.is_grad_enabled() and any(p.requires_grad for p in chosen):
+            raise RuntimeError(_INFERENCE_ONLY)
+        device = _compute_device(chosen)
+        hosts = [offload_parameter(p, device) for p in chosen]
+        in_place = (
+            device.type == "cuda"
+            and config.uva.use_unified_addressing
+            and not unified_addressing_disabled()
+        )
+        log.info(
+            "offload (uva): %s: %d parameters, %.1f MiB in %s host memory, %s",
+            type(root).__name__,
+            len(chosen),
+            plan.nbytes / 2**20,
+            "pinned" if device.type == "cuda" else "CPU",
+            "read in place by the device" if in_place else "copied to the device before use",
+        )
+        if in_place:
+            continue
+        fetcher = fetcher_for(root, hosts, device)
+        for index, param in enumerate(chosen):
+            placeholder = placeholders.get(id(param))
+            if placeholder is not None:
+                reads[placeholder.node.name] = FetchRead(fetcher.id, index)
+    return reads
+
+
+def _guard_parameter_identity(gm: fx.GraphModule, names: Collection[str]) -> None:
     """Make Dynamo recompile when the graph is called with other parameters in their place.
 
     Dynamo does not guard on module identity (inline_inbuilt_nn_modules), so the graph of one
@@ -161,7 +221,7 @@ def _guard_parameter_identity(gm: fx.GraphModule, reads: Mapping[str, SlotRead])
 
     guards = torch._guards.TracingContext.get().guards_context.dynamo_guards
     for node in gm.graph.find_nodes(op="placeholder"):
-        if node.name in reads:
+        if node.name in names:
             guards.add(node.meta["grapharg"].source.make_guard(GuardBuilder.ID_MATCH))
 
 

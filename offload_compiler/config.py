@@ -87,6 +87,14 @@ class UVAOffloadConfig(_FrozenConfig):
     Segments let ``"w2_weight"`` be told apart from ``"w2_weight_scale"``.
     """
 
+    use_unified_addressing: bool = True
+    """Read offloaded parameters in place through a device view of the pinned memory.
+
+    False (or the environment variable ``OFFLOAD_COMPILER_DISABLE_UVA=1``, or a machine
+    without unified addressing) makes the graph copy each offloaded parameter to the
+    device right before its use instead.
+    """
+
 
 class PrefetchOffloadConfig(_FrozenConfig):
     """Prefetch offloading: whole layers live on the host and are copied ahead of use.

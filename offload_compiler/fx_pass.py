@@ -1,4 +1,5 @@
-"""The FX rewrite: offloaded parameter reads become slot reads, fenced by prefetch ops.
+"""The FX rewrites: offloaded parameter reads become slot reads fenced by prefetch ops
+(`OffloadPrefetchPass`), or device copies made right before use (`UVAFetchPass`).
 
 Every node this package adds to a graph is added here. For each offloaded layer found in the
 graph (in graph order):
@@ -49,7 +50,7 @@ class SlotRead:
 
 @dataclass(frozen=True)
 class Rewrite:
-    """What the pass produced: run ``gm(*inputs, *slots)`` and drop its last ``extra_outputs``."""
+    """What a pass produced: run ``gm(*inputs, *slots)`` and drop its last ``extra_outputs``."""
 
     gm: fx.GraphModule
     slots: list[torch.Tensor]
@@ -200,6 +201,59 @@ class OffloadPrefetchPass:
         graph.lint()
         new_gm.recompile()
         return Rewrite(new_gm, extra_inputs, len(tokens))
+
+
+@dataclass(frozen=True)
+class FetchRead:
+    """Redirect one parameter placeholder to device copies made before each use (UVA fallback)."""
+
+    fetcher_id: int
+    index: int
+
+
+class UVAFetchPass:
+    """Rewrites a Dynamo graph so UVA-offloaded parameters are copied to the device right
+    before each use, for when the device cannot read them in place.
+
+    One ``fetch_param`` per using node, placed right before it, so a copy lives only as long as
+    its user needs it. Its read-only ``after`` argument is an activation the user also reads
+    (when it has one), so the copy cannot be hoisted above the work that precedes the use.
+    """
+
+    def __init__(self, reads: dict[str, FetchRead]) -> None:
+        self.reads = reads  # parameter placeholder name -> fetch
+
+    def __call__(self, gm: fx.GraphModule) -> Rewrite:
+        new_gm = _copy_graph_module(gm)
+        graph = new_gm.graph
+        placeholders = {n.name: n for n in graph.find_nodes(op="placeholder")}
+        for name, read in self.reads.items():
+            param_node = placeholders[name]
+            for user in list(param_node.users):
+                if user.op == "output":
+                    raise UnsupportedGraphError(
+                        f"the graph returns the offloaded parameter {name}; offloaded weights "
+                        "are only readable inside the compiled graph"
+                    )
+                after = next(
+                    (
+                        inp
+                        for inp in user.all_input_nodes
+                        if inp.name not in self.reads
+                        and inp.target is not ops.FETCH_PARAM
+                        and isinstance(inp.meta.get("example_value"), torch.Tensor)
+                    ),
+                    param_node,
+                )
+                with graph.inserting_before(user):
+                    fetched = graph.call_function(
+                        ops.FETCH_PARAM, (after, read.fetcher_id, read.index)
+                    )
+                fetched.meta["example_value"] = param_node.meta["example_value"]
+                user.replace_input_with(param_node, fetched)
+        graph.lint()
+        new_gm.recompile()
+        return Rewrite(new_gm, [], 0)
 
 
 def _work(graph: fx.Graph, after: fx.Node | None, before: fx.Node | None) -> int:

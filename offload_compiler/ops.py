@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .runtime import get_runtime
+from .runtime import get_fetcher, get_runtime
 
 
 @torch.library.custom_op("offload::wait_prefetch", mutates_args=("anchors",))
@@ -50,3 +50,21 @@ def join_after_forward(anchors: list[torch.Tensor], runtime_id: int, rejoin: boo
 WAIT_PREFETCH = torch.ops.offload.wait_prefetch.default
 START_PREFETCH = torch.ops.offload.start_prefetch.default
 JOIN_AFTER_FORWARD = torch.ops.offload.join_after_forward.default
+
+
+@torch.library.custom_op("offload::fetch_param", mutates_args=())
+def fetch_param(after: torch.Tensor, fetcher_id: int, index: int) -> torch.Tensor:
+    """A device copy of UVA-offloaded parameter ``index``, made right where the graph needs it.
+
+    ``after`` is read-only: an activation computed just before the use, so the copy is not
+    hoisted to the top of the graph (which would keep every parameter on the device at once).
+    """
+    return get_fetcher(fetcher_id).fetch(index)
+
+
+@fetch_param.register_fake
+def _(after: torch.Tensor, fetcher_id: int, index: int) -> torch.Tensor:
+    return get_fetcher(fetcher_id).empty_like(index)
+
+
+FETCH_PARAM = torch.ops.offload.fetch_param.default

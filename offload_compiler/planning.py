@@ -1,4 +1,5 @@
-"""Which layers and parameters are offloaded, and which slot each layer uses.
+"""Which layers and parameters are offloaded, and which slot each layer uses (prefetch), or
+which parameters stay in host memory (UVA).
 
 Pure bookkeeping over a ModuleList and the prefetch config: no memory is touched here, so the
 plan can be inspected (and tested) before anything moves.
@@ -13,7 +14,7 @@ from functools import cached_property
 
 from torch import nn
 
-from .config import PrefetchOffloadConfig, matches_segments
+from .config import PrefetchOffloadConfig, UVAOffloadConfig, matches_segments
 
 log = logging.getLogger(__name__)
 
@@ -123,3 +124,28 @@ def plan_prefetch(
             OffloadedLayer(index, position, position % config.offload_prefetch_step, names)
         )
     return OffloadPlan(layers_path, len(layers), config.offload_prefetch_step, tuple(chosen))
+
+
+@dataclass(frozen=True)
+class UVAPlan:
+    """Parameters kept in pinned host memory by the UVA backend, in model order."""
+
+    params: tuple[str, ...]  # fully qualified names in the root module
+    nbytes: int
+
+
+def plan_uva(root: nn.Module, config: UVAOffloadConfig) -> UVAPlan:
+    """Parameters in model order until ``cpu_offload_gb`` is reached, as vLLM's UVA offloader
+    picks them: per parameter (a module may be split), only those matching
+    ``cpu_offload_params`` when it is set; the last one may cross the budget."""
+    budget = int(config.cpu_offload_gb * 2**30)
+    chosen: list[str] = []
+    total = 0
+    for name, param in root.named_parameters():
+        if total >= budget:
+            break
+        if config.cpu_offload_params and not matches_segments(name, config.cpu_offload_params):
+            continue
+        chosen.append(name)
+        total += param.nbytes
+    return UVAPlan(tuple(chosen), total)

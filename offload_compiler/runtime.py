@@ -173,3 +173,59 @@ class OffloadRuntime:
                 slot.copy_(host[name], non_blocking=True)
         done.record(self._copy_stream)
         self._pending.add(layer.position)
+
+
+_FETCHERS: list[HostFetcher] = []
+_FETCHER_OF_ROOT: weakref.WeakKeyDictionary[nn.Module, HostFetcher] = weakref.WeakKeyDictionary()
+
+
+def get_fetcher(fetcher_id: int) -> HostFetcher:
+    """The fetcher a compiled graph names by id."""
+    try:
+        return _FETCHERS[fetcher_id]
+    except IndexError:
+        raise RuntimeError(
+            f"offload fetcher {fetcher_id} does not exist in this process: a compiled graph was "
+            "loaded from a cache without compiling its model here first"
+        ) from None
+
+
+def fetcher_for(root: nn.Module, hosts: list[torch.Tensor], device: torch.device) -> HostFetcher:
+    """The fetcher of ``root``'s UVA-offloaded parameters (``hosts``, in plan order)."""
+    fetcher = _FETCHER_OF_ROOT.get(root)
+    if fetcher is None:
+        fetcher = HostFetcher(len(_FETCHERS), hosts, device)
+        _FETCHERS.append(fetcher)
+        _FETCHER_OF_ROOT[root] = fetcher
+    elif len(fetcher.hosts) != len(hosts) or any(
+        a is not b for a, b in zip(fetcher.hosts, hosts, strict=False)
+    ):
+        raise ValueError("this model's parameters are already offloaded another way")
+    return fetcher
+
+
+class HostFetcher:
+    """Host copies that a graph copies to the device right before each use (op fetch_param).
+
+    The UVA backend's fallback where the device cannot (or should not) read host memory in
+    place. The copy runs on the current stream, so it is ordered with the kernels around it;
+    its source is pinned, so it does not block the host, and under CUDA graph capture it is
+    recorded with fixed addresses, the destination coming from the graph's memory pool.
+    """
+
+    def __init__(self, fetcher_id: int, hosts: list[torch.Tensor], device: torch.device) -> None:
+        self.id = fetcher_id
+        self.hosts = hosts
+        self.device = device
+
+    def fetch(self, index: int) -> torch.Tensor:
+        host = self.hosts[index]
+        if self.device.type == "cpu":
+            return host.clone()
+        out = torch.empty_strided(host.shape, host.stride(), dtype=host.dtype, device=self.device)
+        return out.copy_(host, non_blocking=True)
+
+    def empty_like(self, index: int) -> torch.Tensor:
+        """A tensor shaped like what ``fetch`` returns (for fake tensor tracing)."""
+        host = self.hosts[index]
+        return torch.empty_strided(host.shape, host.stride(), dtype=host.dtype, device=self.device)

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import fx
 
-from offload_compiler.backend import plan_slot_reads
+from offload_compiler.backend import plan_slot_reads, plan_uva_reads
 from offload_compiler.config import OffloadConfig
-from offload_compiler.fx_pass import OffloadPrefetchPass, Rewrite
+from offload_compiler.fx_pass import OffloadPrefetchPass, Rewrite, UVAFetchPass
 
 _OPS = {"wait_prefetch", "start_prefetch", "join_after_forward"}
 
@@ -25,8 +25,11 @@ def rewrites(
     found: list[Rewrite] = []
 
     def backend(gm: fx.GraphModule, example_inputs: list[torch.Tensor]):
-        reads, _ = plan_slot_reads(gm, config)
-        found.append(OffloadPrefetchPass(reads, rejoin=rejoin)(gm))
+        if config.selected_backend == "uva":
+            found.append(UVAFetchPass(plan_uva_reads(gm, config))(gm))
+        else:
+            reads, _ = plan_slot_reads(gm, config)
+            found.append(OffloadPrefetchPass(reads, rejoin=rejoin)(gm))
         return gm.forward
 
     torch._dynamo.reset()
@@ -64,7 +67,10 @@ def summary(gm: fx.GraphModule) -> str:
             lines.append(f"return {_arg(node.args[0])}")
             continue
         target = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-        if target in _OPS:
+        if target == "fetch_param":  # (the fetcher id depends on test order)
+            after, _fetcher_id, index = node.args
+            lines.append(f"{_short(node.name)} = fetch_param(after={_arg(after)}, index={index})")
+        elif target in _OPS:
             anchors, _runtime_id, last = node.args
             detail = f"rejoin={last}" if target == "join_after_forward" else f"layer={last}"
             lines.append(f"{target}({detail}, anchors={_arg(anchors)})")

@@ -339,7 +339,11 @@ def test_from_options_rejects_other_types(bad: object) -> None:
 
 _HASH_BASE: dict[str, Any] = {
     "offload_backend": "auto",
-    "uva": {"cpu_offload_gb": 0.0, "cpu_offload_params": ["experts"]},
+    "uva": {
+        "cpu_offload_gb": 0.0,
+        "cpu_offload_params": ["experts"],
+        "use_unified_addressing": True,
+    },
     "prefetch": {
         "offload_group_size": 4,
         "offload_num_in_group": 1,
@@ -356,6 +360,7 @@ _HASH_CHANGES: list[tuple[str, Any]] = [
     ("offload_backend", "prefetch"),
     ("uva.cpu_offload_gb", 2.5),
     ("uva.cpu_offload_params", ["experts", "w2_weight"]),
+    ("uva.use_unified_addressing", False),
     ("prefetch.offload_group_size", 8),
     ("prefetch.offload_num_in_group", 2),
     ("prefetch.offload_prefetch_step", 2),
