@@ -174,6 +174,8 @@ def plan_uva_reads(gm: fx.GraphModule, config: OffloadConfig) -> dict[str, Fetch
     ``uva.use_unified_addressing`` or the environment. On a CPU-only machine there is no
     device view and the graph gets the explicit copies.
     """
+    if config.uva.cpu_offload_gb == 0:
+        log.warning("offload (uva): uva.cpu_offload_gb is 0, so nothing is offloaded")
     placeholders = {id(p.param): p for p in param_placeholders(gm)}
     reads: dict[str, FetchRead] = {}
     for root in candidate_roots(gm):
