@@ -1,0 +1,1 @@
+"""Benchmarks of the offload backend (see offload_bench.py)."""

@@ -1,0 +1,33 @@
+"""The benchmark's CPU smoke mode runs end to end and writes JSON, markdown and a plot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_smoke_benchmark_writes_its_three_outputs(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.offload_bench", "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    cells = json.loads((tmp_path / "results.json").read_text())
+    assert not [c for c in cells if c.get("error")], [c["error"] for c in cells if "error" in c]
+    methods = {c["method"] for c in cells}
+    assert methods == {"resident", "offload", "hook", "uva"}
+    for cell in cells:
+        assert [r["tokens"] for r in cell["results"]] == [4, 16]
+        assert all(r["ms"] > 0 and r["ratio"] is not None for r in cell["results"])
+    offloaded = [c for c in cells if c["method"] == "offload"]
+    assert all(c["copied_bytes_per_forward"] > 0 for c in offloaded)
+    table = (tmp_path / "results.md").read_text()
+    assert "| offload 2/1 step 2 | default |" in table
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
