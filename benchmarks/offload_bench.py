@@ -90,14 +90,19 @@ def prepare(spec: dict, device: torch.device, dtype: torch.dtype):
 
     method, mode = spec["method"], spec.get("mode", "default")
     if method == "offload":
-        model = build_model(spec, torch.device("cpu"), dtype)
         options = {"prefetch": spec["prefetch"]}
         if mode != "default":
             options["mode"] = mode
-        import offload_compiler
+        if spec.get("memory_fraction"):  # the model does not fit: place it from the CPU
+            import offload_compiler
 
-        offload_compiler.place_model(model, options, device)
+            model = build_model(spec, torch.device("cpu"), dtype)
+            offload_compiler.place_model(model, options, device)
+        else:  # the backend moves the offloaded weights off the GPU when it compiles
+            model = build_model(spec, device, dtype)
         compiled = torch.compile(model, backend="offload", options=options)
+        with torch.no_grad():
+            _call(compiled)(torch.zeros(1, 1, dtype=torch.long, device=device))
         moved = sum(p.nbytes for p in model.parameters() if host_copy(p) is not None)
         return _call(compiled), moved
     model = build_model(spec, device, dtype)
@@ -194,20 +199,25 @@ def run_cell(spec: dict) -> dict:
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats(device)
+            # Back-to-back calls, as in serving: a host sync after every call would let the
+            # copies started for the next call finish outside the timed window.
+            calls = spec["iters"] if tokens < 2048 else max(3, spec["iters"] // 3)
             times = []
-            for _ in range(spec["iters"] if tokens < 2048 else max(3, spec["iters"] // 3)):
+            for _ in range(3):
                 if cuda:
                     start = torch.cuda.Event(enable_timing=True)
                     end = torch.cuda.Event(enable_timing=True)
                     start.record()
-                    call(ids)
+                    for _ in range(calls):
+                        call(ids)
                     end.record()
                     torch.cuda.synchronize()
-                    times.append(start.elapsed_time(end))
+                    times.append(start.elapsed_time(end) / calls)
                 else:
                     begin = time.perf_counter()
-                    call(ids)
-                    times.append((time.perf_counter() - begin) * 1e3)
+                    for _ in range(calls):
+                        call(ids)
+                    times.append((time.perf_counter() - begin) * 1e3 / calls)
             ms = statistics.median(times)
             results.append(
                 {
