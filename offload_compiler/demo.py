@@ -199,29 +199,25 @@ def gpu_allocated(device: torch.device) -> int:
 
 def median_ms(fn: Callable[[], Any], device: torch.device, iters: int) -> float:
     """Milliseconds per call: the median over 3 runs of ``iters`` back-to-back calls of ``fn``
-    (after ``_WARMUPS`` untimed ones), as a serving loop calls it: with no host sync between
-    calls, copies started for the next call are paid for inside the timed window.
+    (after ``_WARMUPS`` untimed ones), as a serving loop calls it, between device-wide syncs:
+    a sync per call, or an end event on the compute stream alone, would leave the copies
+    started for the next call outside the timed window.
 
     Outputs are dropped, not read: under reduce-overhead the next replay overwrites them.
     """
     for _ in range(_WARMUPS):
         fn()
+    cuda = device.type == "cuda"
     times = []
-    if device.type == "cuda":
-        for _ in range(3):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                fn()
-            end.record()
+    for _ in range(3):
+        if cuda:
             torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / iters)
-    else:
+        begin = time.perf_counter()
         for _ in range(iters):
-            begin = time.perf_counter()
             fn()
-            times.append((time.perf_counter() - begin) * 1e3)
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - begin) * 1e3 / iters)
     return statistics.median(times)
 
 
