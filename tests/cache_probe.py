@@ -1,4 +1,4 @@
-"""Run in a fresh process by test_caches.py: compile an offloaded model, print cache counters.
+"""Run in a fresh process (`probe`): compile an offloaded model, print cache counters.
 
 Usage: python -m tests.cache_probe STEP  (prints one JSON line)
 """
@@ -6,8 +6,11 @@ Usage: python -m tests.cache_probe STEP  (prints one JSON line)
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch._dynamo.utils import counters
@@ -46,6 +49,21 @@ def main(step: int) -> None:
             }
         )
     )
+
+
+def probe(step: int, **env: str) -> dict:
+    """Run this module in a fresh Python with ``env`` added; its JSON line, parsed."""
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.cache_probe", str(step)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(repo), **env},
+        cwd=repo,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

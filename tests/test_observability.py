@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
+from tests.cache_probe import probe
 from tests.models import MLPStack
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_one_info_summary_per_compiled_graph(caplog):
@@ -38,21 +33,7 @@ def test_one_info_summary_per_compiled_graph(caplog):
 
 
 def test_rewritten_graph_is_a_tlparse_artifact(tmp_path):
-    env = {
-        **os.environ,
-        "TORCH_TRACE": str(tmp_path / "trace"),
-        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"),
-        "PYTHONPATH": str(REPO),
-    }
-    out = subprocess.run(
-        [sys.executable, "-m", "tests.cache_probe", "1"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    probe(1, TORCH_TRACE=str(tmp_path / "trace"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "c"))
     logs = "".join(p.read_text() for p in (tmp_path / "trace").glob("*"))
     assert '"name": "offload_rewritten_graph"' in logs
     assert "torch.ops.offload.wait_prefetch.default" in logs
