@@ -53,7 +53,8 @@ def offload_backend(
     mode: str | None = None,
     options: OffloadConfig | Mapping[str, Any] | None = None,
 ) -> Callable[..., Any]:
-    """Compile ``gm`` with offloaded layers read from prefetched slot buffers."""
+    """Compile ``gm`` with its offloaded weights read from prefetched slot buffers (prefetch),
+    or from pinned host memory in place or through copies made before use (UVA)."""
     config = OffloadConfig.from_options(options)
     patches = dict(list_mode_options(config.mode or mode or "default"))
     if config.selected_backend is None:
