@@ -129,6 +129,14 @@ class PrefetchOffloadConfig(_FrozenConfig):
     Empty means all of them; e.g. ``{"experts"}`` keeps attention weights resident.
     """
 
+    offload_per_param: bool = False
+    """Stream each parameter on its own: the copy of parameter j of the next layer of a slot
+    starts as soon as this layer's last read of parameter j is done, and each parameter is
+    waited for right before its first read, so one slot behaves almost like two (the
+    copy engine no longer idles while an offloaded layer computes). Off by default until
+    measured on the GPU.
+    """
+
     def is_offloaded_layer(self, index: int) -> bool:
         """Whether repeated block ``index`` is offloaded, i.e. among the last of its group."""
         group_size = self.offload_group_size

@@ -24,15 +24,19 @@ from .runtime import get_fetcher, get_runtime
 
 
 @torch.library.custom_op("offload::wait_prefetch", mutates_args=("anchors",))
-def wait_prefetch(anchors: list[torch.Tensor], runtime_id: int, layer: int) -> None:
-    """Block the compute stream until ``layer``'s weights are in its slot."""
-    get_runtime(runtime_id).wait(layer)
+def wait_prefetch(
+    anchors: list[torch.Tensor], runtime_id: int, layer: int, param: str | None = None
+) -> None:
+    """Block the compute stream until ``layer``'s weights (or only ``param``) are in its slot."""
+    get_runtime(runtime_id).wait(layer, param)
 
 
 @torch.library.custom_op("offload::start_prefetch", mutates_args=("anchors",))
-def start_prefetch(anchors: list[torch.Tensor], runtime_id: int, layer: int) -> None:
-    """Start copying ``layer``'s weights into its slot on the copy stream."""
-    get_runtime(runtime_id).start(layer)
+def start_prefetch(
+    anchors: list[torch.Tensor], runtime_id: int, layer: int, param: str | None = None
+) -> None:
+    """Start copying ``layer``'s weights (or only ``param``) into its slot on the copy stream."""
+    get_runtime(runtime_id).start(layer, param)
 
 
 @torch.library.custom_op("offload::join_after_forward", mutates_args=("anchors",))

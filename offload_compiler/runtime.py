@@ -32,6 +32,8 @@ from .pool import SlotKey, SlotPool, offload_parameter
 
 log = logging.getLogger(__name__)
 
+Unit = tuple[int, str | None]  # (offloaded position, parameter name or None for all)
+
 _RUNTIMES: list[OffloadRuntime] = []
 _BY_LAYER_LIST: weakref.WeakKeyDictionary[nn.ModuleList, OffloadRuntime] = (
     weakref.WeakKeyDictionary()
@@ -98,28 +100,33 @@ class OffloadRuntime:
                 {n: self.pool.buffer(layer.slot, SlotKey.of(n, t)) for n, t in host.items()}
             )
         self.host_bytes = sum(t.nbytes for host in self._host for t in host.values())
-        self._slot_owner: list[int | None] = [None] * plan.num_slots
-        self._pending: set[int] = set()  # positions started and not yet waited for or joined
+        # A unit of copying is a whole layer (position, None) or one parameter (position, name).
+        self._slot_owner: dict[tuple[int, str], int] = {}  # (slot, name) -> position held
+        self._pending: set[Unit] = set()  # units started and not yet waited for or joined
         self._cuda = device.type == "cuda"
         if self._cuda:
-            with torch.cuda.device(device):
+            units: list[Unit] = [(layer.position, None) for layer in plan.layers]
+            units += [(layer.position, name) for layer in plan.layers for name in layer.params]
+            with torch.cuda.device(device):  # created ahead: none may be created in a capture
                 self._copy_stream = torch.cuda.Stream(device)
-                self._ready = [torch.cuda.Event() for _ in plan.layers]
-                self._done = [torch.cuda.Event() for _ in plan.layers]
+                self._ready = {unit: torch.cuda.Event() for unit in units}
+                self._done = {unit: torch.cuda.Event() for unit in units}
         for layer in plan.layers[: plan.num_slots]:  # the first forward finds its slots filled
-            self._start(layer)
+            self._start(layer, None)
         self.join()
 
     def slot_tensors(self, layer_index: int) -> dict[str, torch.Tensor]:
         """The slot buffers the compiled graph reads for layer ``layer_index``'s parameters."""
         return self._slots[self._layer(layer_index).position]
 
-    def start(self, layer_index: int) -> None:
-        """Begin copying layer ``layer_index``'s weights into its slot (op start_prefetch)."""
-        self._start(self._layer(layer_index))
+    def start(self, layer_index: int, name: str | None = None) -> None:
+        """Begin copying layer ``layer_index``'s weights (or only parameter ``name``) into its
+        slot (op start_prefetch)."""
+        self._start(self._layer(layer_index), name)
 
-    def wait(self, layer_index: int) -> None:
-        """Make the compute stream wait until layer ``layer_index``'s slot holds its weights.
+    def wait(self, layer_index: int, name: str | None = None) -> None:
+        """Make the compute stream wait until layer ``layer_index``'s slot holds its weights
+        (or parameter ``name``).
 
         If the slot holds another layer (a forward that skipped layers, or a layer split across
         two graphs by a graph break), the copy is started here first: slower, never wrong.
@@ -127,21 +134,25 @@ class OffloadRuntime:
         layer = self._layer(layer_index)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
-                "wait(%d): slots hold %s, pending %s, capturing %s",
+                "wait(%d, %s): pending %s, capturing %s",
                 layer_index,
-                self._slot_owner,
-                sorted(self._pending),
+                name,
+                sorted(self._pending, key=str),
                 self._cuda and torch.cuda.is_current_stream_capturing(),
             )
-        if self._slot_owner[layer.slot] != layer.position:
-            self._start(layer)
-        if layer.position in self._pending:
-            self._pending.discard(layer.position)
-            torch.cuda.current_stream(self.device).wait_event(self._done[layer.position])
+        names = layer.params if name is None else (name,)
+        if any(self._slot_owner.get((layer.slot, n)) != layer.position for n in names):
+            self._start(layer, name)
+        units = [(layer.position, None)]
+        units += [(layer.position, n) for n in names] if name is None else [(layer.position, name)]
+        for unit in units:
+            if unit in self._pending:
+                self._pending.discard(unit)
+                torch.cuda.current_stream(self.device).wait_event(self._done[unit])
 
     def join(self) -> None:
         """Rejoin the copy stream into the compute stream (op join_after_forward)."""
-        log.debug("join(): pending %s", sorted(self._pending))
+        log.debug("join(): pending %s", sorted(self._pending, key=str))
         if self._pending:
             self._pending.clear()
             torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
@@ -152,27 +163,30 @@ class OffloadRuntime:
             raise RuntimeError(f"layer {layer_index} of {self.plan.layers_path} is not offloaded")
         return layer
 
-    def _start(self, layer: OffloadedLayer) -> None:
-        log.debug("start(%d)", layer.index)
+    def _start(self, layer: OffloadedLayer, name: str | None) -> None:
+        log.debug("start(%d, %s)", layer.index, name)
         host, slots = self._host[layer.position], self._slots[layer.position]
-        self._slot_owner[layer.slot] = layer.position
+        names = layer.params if name is None else (name,)
+        for n in names:
+            self._slot_owner[(layer.slot, n)] = layer.position
         if not self._cuda:
-            for name, slot in slots.items():
-                slot.copy_(host[name])
+            for n in names:
+                slots[n].copy_(host[n])
             return
         compute = torch.cuda.current_stream(self.device)
         if self.poison_slots:  # a kernel reading this slot after this point now reads NaN
-            for slot in slots.values():
-                if slot.is_floating_point():
-                    slot.fill_(float("nan"))
-        ready, done = self._ready[layer.position], self._done[layer.position]
+            for n in names:
+                if slots[n].is_floating_point():
+                    slots[n].fill_(float("nan"))
+        unit = (layer.position, name)
+        ready, done = self._ready[unit], self._done[unit]
         ready.record(compute)
         self._copy_stream.wait_event(ready)
         with torch.cuda.stream(self._copy_stream):
-            for name, slot in slots.items():
-                slot.copy_(host[name], non_blocking=True)
+            for n in names:
+                slots[n].copy_(host[n], non_blocking=True)
         done.record(self._copy_stream)
-        self._pending.add(layer.position)
+        self._pending.add(unit)
 
 
 _FETCHERS: list[HostFetcher] = []

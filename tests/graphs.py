@@ -80,22 +80,33 @@ def summary(gm: fx.GraphModule) -> str:
     return "\n".join(lines)
 
 
-_OP_CALL = re.compile(r"torch\.ops\.offload\.(wait_prefetch|start_prefetch)\.default\(.*, (\d+)\)$")
+_OP_CALL = re.compile(
+    r"torch\.ops\.offload\.(wait_prefetch|start_prefetch)\.default\(\[.*\], \d+, (\d+)"
+    r"(?:, param=(?:None|'([^']*)'))?\)$"
+)
 _ALIAS = re.compile(r"^(\w+) = (?:reinterpret_tensor\()?(\w+)\b")
 
 
-def unfenced_slot_reads(code: str, slot_args: dict[str, int], slot_of_layer: dict[int, int]):
-    """Lines of Inductor's ``call`` that read slot ``s`` while a copy into it is in flight.
+def _identifier(name: str) -> str:
+    return re.sub(r"\W", "_", name)
+
+
+def unfenced_slot_reads(
+    code: str, slot_args: dict[str, tuple[int, str]], slot_of_layer: dict[int, int]
+) -> tuple[list[str], int]:
+    """Lines of Inductor's ``call`` that read a slot buffer while a copy into it is in flight,
+    and how many offload ops the check saw (so that a check that saw none cannot pass).
 
     ``slot_args`` maps the generated code's input names (``arg12_1``) of slot buffers to their
-    slot; ``slot_of_layer`` maps layer indices to slots. A copy into slot s is in flight from
-    ``start_prefetch(layer)`` (slot_of_layer[layer] == s) until ``wait_prefetch(layer)``.
+    (slot, parameter identifier); ``slot_of_layer`` maps layer indices to slots. A copy into a
+    slot's buffers (all of them, or one parameter's) is in flight from ``start_prefetch`` of a
+    layer of that slot until that layer's ``wait_prefetch`` of the same unit.
     """
     start = code.index("def call(self, args):")
     indent = len(code[:start].rsplit("\n", 1)[-1])
     aliases = dict(slot_args)
-    in_flight: dict[int, int] = {}  # slot -> layer being copied in
-    bad = []
+    in_flight: dict[tuple[int, str | None], int] = {}  # (slot, param or None) -> layer
+    bad, seen = [], 0
     for raw in code[start:].splitlines()[1:]:
         if raw.strip() and len(raw) - len(raw.lstrip()) <= indent:
             break  # the end of call()
@@ -104,17 +115,19 @@ def unfenced_slot_reads(code: str, slot_args: dict[str, int], slot_of_layer: dic
             continue
         op = _OP_CALL.search(line)
         if op:
+            seen += 1
             kind, layer = op.group(1), int(op.group(2))
+            unit = (slot_of_layer[layer], _identifier(op.group(3)) if op.group(3) else None)
             if kind == "start_prefetch":
-                in_flight[slot_of_layer[layer]] = layer
-            elif in_flight.get(slot_of_layer[layer]) == layer:
-                del in_flight[slot_of_layer[layer]]
+                in_flight[unit] = layer
+            elif in_flight.get(unit) == layer:
+                del in_flight[unit]
             continue
         alias = _ALIAS.match(line)
         if alias and alias.group(2) in aliases:
             aliases[alias.group(1)] = aliases[alias.group(2)]
         names = set(re.findall(r"\b\w+\b", line))
-        for name, slot in aliases.items():
-            if name in names and slot in in_flight:
+        for name, (slot, param) in aliases.items():
+            if name in names and ((slot, None) in in_flight or (slot, param) in in_flight):
                 bad.append(line)
-    return bad
+    return bad, seen

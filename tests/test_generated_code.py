@@ -26,11 +26,10 @@ def _generated(model, layers, options, x):
     (rewrite,) = rewrites(model, options, x)
     placeholders = rewrite.gm.graph.find_nodes(op="placeholder")
     first_slot = len(placeholders) - len(rewrite.slots)
-    slot_args = {
-        f"arg{i}_1": int(re.search(r"_s(\d+)_", node.name).group(1))
-        for i, node in enumerate(placeholders)
-        if i >= first_slot
-    }
+    slot_args = {}
+    for i, node in enumerate(placeholders[first_slot:], start=first_slot):
+        match = re.fullmatch(r"offload_slot_r\d+_s(\d+)_(\w+?)(?:_\d+)?", node.name)
+        slot_args[f"arg{i}_1"] = (int(match.group(1)), match.group(2))
     plan = plan_prefetch(layers, "layers", OffloadConfig.model_validate(options).prefetch)
     slot_of_layer = {layer.index: layer.slot for layer in plan.layers}
     torch._dynamo.reset()
@@ -51,7 +50,7 @@ def test_mlp_slots_are_not_read_while_being_refilled(step, mode):
     assert code.count("torch.ops.offload.start_prefetch") == 4
     assert code.count("torch.ops.offload.wait_prefetch") == 4
     assert code.count("torch.ops.offload.join_after_forward") == 1
-    assert unfenced_slot_reads(code, slot_args, slot_of_layer) == []
+    assert unfenced_slot_reads(code, slot_args, slot_of_layer) == ([], 8)
 
 
 def test_llama_slots_are_not_read_while_being_refilled():
@@ -60,9 +59,9 @@ def test_llama_slots_are_not_read_while_being_refilled():
     code, slot_args, slot_of_layer = _generated(
         model, model.layers, prefetch_options(1, 1, 1), torch.randint(0, 64, (1, 8))
     )
-    assert unfenced_slot_reads(code, slot_args, slot_of_layer) == []
+    assert unfenced_slot_reads(code, slot_args, slot_of_layer) == ([], 8)
     # the ops come in layer order: wait(0) start(1) wait(1) start(2) ... start(0) join
-    ops = re.findall(r"torch\.ops\.offload\.(\w+)\.default\(.*?(\d+)?\)\n", code)
+    ops = re.findall(r"torch\.ops\.offload\.(\w+)\.default\(\[.*?\], \d+(?:, (\d+))?", code)
     sequence = [(name, int(layer) if layer else None) for name, layer in ops]
     expected = [("wait_prefetch", 0)]
     for layer in range(4):
@@ -84,5 +83,6 @@ def test_the_check_catches_a_read_after_the_refill_starts():
         "    torch.ops.offload.wait_prefetch.default([buf0, buf3], 0, 1)\n"
         "    extern_kernels.mm(buf3, arg5_1, out=buf4)\n"
     )
-    bad = unfenced_slot_reads(code, {"arg5_1": 0, "arg6_1": 0}, {0: 0, 1: 0})
-    assert bad == ["cpp_fused_add_relu_1(buf2, arg6_1, buf3)"]
+    slot_args = {"arg5_1": (0, "fc_weight"), "arg6_1": (0, "fc_bias")}
+    bad = unfenced_slot_reads(code, slot_args, {0: 0, 1: 0})
+    assert bad == (["cpp_fused_add_relu_1(buf2, arg6_1, buf3)"], 3)

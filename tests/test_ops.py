@@ -18,7 +18,8 @@ def test_schemas_declare_the_anchor_mutation_and_return_nothing():
         (anchors, *_) = schema.arguments
         assert anchors.name == "anchors" and anchors.alias_info.is_write
     assert str(ops.WAIT_PREFETCH._schema) == (
-        "offload::wait_prefetch(Tensor(a0!)[] anchors, SymInt runtime_id, SymInt layer) -> ()"
+        "offload::wait_prefetch(Tensor(a0!)[] anchors, SymInt runtime_id, SymInt layer, "
+        "str? param=None) -> ()"
     )
 
 
