@@ -76,7 +76,9 @@ def offload_backend(
         return compile_fx(gm, example_inputs, config_patches=patches)
     _guard_parameter_identity(gm, reads.keys())
     cudagraphs = patches.get("triton.cudagraphs", torch._inductor.config.triton.cudagraphs)
-    rewrite = OffloadPrefetchPass(reads, rejoin=bool(cudagraphs))
+    rewrite = OffloadPrefetchPass(
+        reads, rejoin=bool(cudagraphs), per_param=config.prefetch.offload_per_param
+    )
     result = rewrite(gm)
     _log_summary(runtimes, reads)
     _publish_graph(result.gm)
@@ -153,6 +155,7 @@ def plan_slot_reads(
             reads[placeholder.node.name] = SlotRead(
                 runtime_id=runtime.id,
                 layer=layer.index,
+                param=name,
                 prefetch=plan.next_in_slot(layer).index,
                 slot_name=f"offload_slot_r{runtime.id}_s{layer.slot}_{_identifier(name)}",
                 slot=runtime.slot_tensors(layer.index)[name],

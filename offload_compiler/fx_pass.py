@@ -43,6 +43,7 @@ class SlotRead:
 
     runtime_id: int
     layer: int  # ModuleList index of the offloaded layer
+    param: str  # the parameter's name in the layer
     prefetch: int  # layer whose copy starts once this layer's span is over
     slot_name: str  # name of the slot placeholder (shared by the layers of one slot)
     slot: torch.Tensor
@@ -66,9 +67,10 @@ class OffloadPrefetchPass:
     CustomGraphPass.uuid() is for passes that run inside Inductor, which this one does not.)
     """
 
-    def __init__(self, reads: dict[str, SlotRead], rejoin: bool) -> None:
+    def __init__(self, reads: dict[str, SlotRead], rejoin: bool, per_param: bool = False) -> None:
         self.reads = reads  # parameter placeholder name -> slot read
         self.rejoin = rejoin  # the graph will run as a CUDA graph: join the copies at its end
+        self.per_param = per_param  # a span, wait and start per (layer, parameter)
 
     def __call__(self, gm: fx.GraphModule) -> Rewrite:
         """A rewritten copy of ``gm``, the slot tensors to append to its inputs, and the number
@@ -86,10 +88,10 @@ class OffloadPrefetchPass:
 
         # 1. Each layer's span: from the first to the last user of its parameters (found
         # before the rewrite, while every layer still has placeholders of its own).
-        layer_params: dict[tuple[int, int], list[fx.Node]] = {}
-        prefetch_of: dict[tuple[int, int], int] = {}
+        layer_params: dict[tuple[int, int, str | None], list[fx.Node]] = {}
+        prefetch_of: dict[tuple[int, int, str | None], int] = {}
         for name, read in self.reads.items():
-            key = (read.runtime_id, read.layer)
+            key = (read.runtime_id, read.layer, read.param if self.per_param else None)
             layer_params.setdefault(key, []).append(placeholders[name])
             prefetch_of[key] = read.prefetch
         order = {node: i for i, node in enumerate(graph.nodes)}
@@ -146,18 +148,19 @@ class OffloadPrefetchPass:
         is_anchor = _anchor_test(input_storages)
         span_start = {key: first for _, key, first, _, _ in spans}
         top_of_graph = dict(tokens)  # runtime -> node after which graph-top starts go
-        for _, (runtime_id, layer), first, last, readers in spans:
+        for _, (runtime_id, layer, param), first, last, readers in spans:
             token = tokens[runtime_id]
-            target = prefetch_of[(runtime_id, layer)]
+            target = prefetch_of[(runtime_id, layer, param)]
+            unit = () if param is None else (param,)  # the op's optional parameter argument
             live_in = _live_in(graph, first, last, order, is_anchor)
             live_in = _ensure_readers_follow(graph, first, last, readers, live_in, order)
             with graph.inserting_before(first):
                 wait = graph.call_function(
-                    ops.WAIT_PREFETCH, ([token, *live_in], runtime_id, layer)
+                    ops.WAIT_PREFETCH, ([token, *live_in], runtime_id, layer, *unit)
                 )
             wait.meta["example_value"] = None
             order = {node: i for i, node in enumerate(graph.nodes)}
-            target_first = span_start.get((runtime_id, target))
+            target_first = span_start.get((runtime_id, target, param))
             if (
                 self.rejoin
                 and target_first is not None
@@ -169,7 +172,9 @@ class OffloadPrefetchPass:
                 # join would wait for it at the end, so start it at the top of the next call
                 # instead (its slot's last reader then belongs to the previous call).
                 with graph.inserting_after(top_of_graph[runtime_id]):
-                    start = graph.call_function(ops.START_PREFETCH, ([token], runtime_id, target))
+                    start = graph.call_function(
+                        ops.START_PREFETCH, ([token], runtime_id, target, *unit)
+                    )
                 start.meta["example_value"] = None
                 top_of_graph[runtime_id] = start
                 order = {node: i for i, node in enumerate(graph.nodes)}
@@ -182,7 +187,7 @@ class OffloadPrefetchPass:
                 )
             with graph.inserting_after(last):
                 start = graph.call_function(
-                    ops.START_PREFETCH, ([token, *live_out], runtime_id, target)
+                    ops.START_PREFETCH, ([token, *live_out], runtime_id, target, *unit)
                 )
             start.meta["example_value"] = None
             order = {node: i for i, node in enumerate(graph.nodes)}

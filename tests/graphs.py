@@ -29,7 +29,8 @@ def rewrites(
             found.append(UVAFetchPass(plan_uva_reads(gm, config))(gm))
         else:
             reads, _ = plan_slot_reads(gm, config)
-            found.append(OffloadPrefetchPass(reads, rejoin=rejoin)(gm))
+            per_param = config.prefetch.offload_per_param
+            found.append(OffloadPrefetchPass(reads, rejoin=rejoin, per_param=per_param)(gm))
         return gm.forward
 
     torch._dynamo.reset()
@@ -71,8 +72,9 @@ def summary(gm: fx.GraphModule) -> str:
             after, _fetcher_id, index = node.args
             lines.append(f"{_short(node.name)} = fetch_param(after={_arg(after)}, index={index})")
         elif target in _OPS:
-            anchors, _runtime_id, last = node.args
+            anchors, _runtime_id, last, *param = node.args
             detail = f"rejoin={last}" if target == "join_after_forward" else f"layer={last}"
+            detail += "".join(f", param={p}" for p in param)
             lines.append(f"{target}({detail}, anchors={_arg(anchors)})")
         else:
             args = ", ".join(_arg(a) for a in node.args)
@@ -82,7 +84,7 @@ def summary(gm: fx.GraphModule) -> str:
 
 _OP_CALL = re.compile(
     r"torch\.ops\.offload\.(wait_prefetch|start_prefetch)\.default\(\[.*\], \d+, (\d+)"
-    r"(?:, param=(?:None|'([^']*)'))?\)$"
+    r"(?:, (?:param=)?(?:None|'([^']*)'))?\)$"
 )
 _ALIAS = re.compile(r"^(\w+) = (?:reinterpret_tensor\()?(\w+)\b")
 

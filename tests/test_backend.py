@@ -305,3 +305,14 @@ def test_reduce_overhead_rewrite_with_graph_top_starts_equals_inductor(step):
     options = {**prefetch_options(1, 1, step), "mode": "reduce-overhead"}
     worst = _compare(MLPStack(layers=6, dim=16), options, _mlp_input, calls=4)
     assert max(worst) <= 1e-5, worst
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+@pytest.mark.parametrize("step", [1, 2])
+def test_per_param_streaming_equals_inductor_on_every_call(step, mode):
+    torch.manual_seed(0)
+    model = LlamaShaped(layers=4, dim=32, heads=4, kv_heads=2, hidden=64, vocab=64)
+    options = prefetch_options(1, 1, step, mode=mode)
+    options["prefetch"]["offload_per_param"] = True
+    worst = _compare(model, options, lambda: torch.randint(0, 64, (2, 12)))
+    assert max(worst) <= 1e-5, worst

@@ -86,3 +86,16 @@ def test_the_check_catches_a_read_after_the_refill_starts():
     slot_args = {"arg5_1": (0, "fc_weight"), "arg6_1": (0, "fc_bias")}
     bad = unfenced_slot_reads(code, slot_args, {0: 0, 1: 0})
     assert bad == (["cpp_fused_add_relu_1(buf2, arg6_1, buf3)"], 3)
+
+
+def test_per_param_refills_leave_the_other_parameters_readable_but_never_their_own():
+    torch.manual_seed(0)
+    model = LlamaShaped(layers=4, dim=32, heads=4, kv_heads=2, hidden=64, vocab=64)
+    options = prefetch_options(1, 1, 1)
+    options["prefetch"]["offload_per_param"] = True
+    code, slot_args, slot_of_layer = _generated(
+        model, model.layers, options, torch.randint(0, 64, (1, 8))
+    )
+    bad, seen = unfenced_slot_reads(code, slot_args, slot_of_layer)
+    assert bad == []
+    assert seen == 4 * 9 * 2  # a wait and a start per layer and parameter
