@@ -476,3 +476,20 @@ def test_uva_equals_inductor_and_frees_gpu_memory(in_place, mode, caplog):
         assert drop >= 0.95 * moved
     else:
         assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_per_param_streaming_equals_inductor_with_poisoned_slots(mode):
+    torch.manual_seed(0)
+    model = LlamaShaped(layers=8, dim=256, heads=8, kv_heads=4, hidden=512, vocab=VOCAB).cuda()
+    reference = torch.compile(clone_model(model), mode=mode)
+    options = prefetch_options(1, 1, 1, mode=mode, poison_slots=True)
+    options["prefetch"]["offload_per_param"] = True
+    offloaded = torch.compile(model, backend="offload", options=options)
+    with torch.no_grad():
+        for _ in range(25):
+            ids = torch.randint(0, VOCAB, (2, 64), device="cuda")
+            expected = reference(ids).clone()
+            torch.testing.assert_close(offloaded(ids).clone(), expected, rtol=1e-4, atol=1e-4)
+    if mode == "reduce-overhead":
+        assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
