@@ -114,7 +114,8 @@ def _compile_with(model, options, mutate):
 
     def backend(gm, example_inputs):
         reads, _ = plan_slot_reads(gm, config)
-        rewrite = OffloadPrefetchPass(reads, rejoin=False)(gm)
+        per_param = config.prefetch.offload_per_param
+        rewrite = OffloadPrefetchPass(reads, rejoin=False, per_param=per_param)(gm)
         mutate(rewrite)
         rewrite.gm.recompile()
         return compile_rewrite(rewrite, example_inputs, {})
@@ -146,6 +147,27 @@ def test_a_start_prefetch_before_the_layers_reads_gives_wrong_numbers():
         _first_call_error(MLPStack(layers=4, dim=16), prefetch_options(1, 1, 1), misplace_start)
         > 1e-2
     )
+
+
+def test_a_per_param_start_before_its_parameters_reads_gives_wrong_numbers():
+    """With per-parameter streaming, move the first start (layer 1's fc.weight into the one
+    slot) in front of layer 0's read of fc.weight: the first call must come out wrong."""
+
+    def misplace_start(rewrite):
+        graph = rewrite.gm.graph
+        start = next(n for n in graph.nodes if "start_prefetch" in str(n.target))
+        wait = next(
+            n
+            for n in graph.nodes
+            if "wait_prefetch" in str(n.target) and n.args[3:] == start.args[3:]
+        )
+        start.args = (wait.args[0], *start.args[1:])
+        wait.append(start)
+
+    torch.manual_seed(0)
+    options = prefetch_options(1, 1, 1)
+    options["prefetch"]["offload_per_param"] = True
+    assert _first_call_error(MLPStack(layers=4, dim=16), options, misplace_start) > 1e-2
 
 
 def test_reading_the_wrong_slot_gives_wrong_numbers():
