@@ -5,7 +5,8 @@ compiled from that model (graph breaks, recompiles) shares it, so weights are co
 memory once and the slot pool is allocated once. Compiled graphs name it by an integer id,
 looked up when an op runs, so no tensor, stream or event is baked into a graph or a cache entry.
 
-The per-layer protocol on CUDA (offloaded layer k, slot s = k % prefetch_step):
+The protocol on CUDA, per unit (a whole offloaded layer k, or with offload_per_param one of its
+parameters; slot s = k % prefetch_step):
   start(k): the compute stream records ``ready[k]`` (the previous reader of slot s is queued
             before this point), the copy stream waits on it, copies host -> slot, records
             ``done[k]``.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -33,6 +35,7 @@ from .pool import SlotKey, SlotPool, offload_parameter
 log = logging.getLogger(__name__)
 
 Unit = tuple[int, str | None]  # (offloaded position, parameter name or None for all)
+_T = TypeVar("_T")
 
 _RUNTIMES: list[OffloadRuntime] = []
 _BY_LAYER_LIST: weakref.WeakKeyDictionary[nn.ModuleList, OffloadRuntime] = (
@@ -40,15 +43,21 @@ _BY_LAYER_LIST: weakref.WeakKeyDictionary[nn.ModuleList, OffloadRuntime] = (
 )
 
 
-def get_runtime(runtime_id: int) -> OffloadRuntime:
-    """The runtime a compiled graph names by id."""
+def _registered(registry: list[_T], kind: str, index: int) -> _T:
+    """What a compiled graph names by ``index`` in ``registry``, with an error that says why
+    it may be missing."""
     try:
-        return _RUNTIMES[runtime_id]
+        return registry[index]
     except IndexError:
         raise RuntimeError(
-            f"offload runtime {runtime_id} does not exist in this process: a compiled graph was "
+            f"offload {kind} {index} does not exist in this process: a compiled graph was "
             "loaded from a cache without compiling its model here first"
         ) from None
+
+
+def get_runtime(runtime_id: int) -> OffloadRuntime:
+    """The runtime a compiled graph names by id."""
+    return _registered(_RUNTIMES, "runtime", runtime_id)
 
 
 def runtime_for(
@@ -195,13 +204,7 @@ _FETCHER_OF_ROOT: weakref.WeakKeyDictionary[nn.Module, HostFetcher] = weakref.We
 
 def get_fetcher(fetcher_id: int) -> HostFetcher:
     """The fetcher a compiled graph names by id."""
-    try:
-        return _FETCHERS[fetcher_id]
-    except IndexError:
-        raise RuntimeError(
-            f"offload fetcher {fetcher_id} does not exist in this process: a compiled graph was "
-            "loaded from a cache without compiling its model here first"
-        ) from None
+    return _registered(_FETCHERS, "fetcher", fetcher_id)
 
 
 def fetcher_for(root: nn.Module, hosts: list[torch.Tensor], device: torch.device) -> HostFetcher:
@@ -211,9 +214,7 @@ def fetcher_for(root: nn.Module, hosts: list[torch.Tensor], device: torch.device
         fetcher = HostFetcher(len(_FETCHERS), hosts, device)
         _FETCHERS.append(fetcher)
         _FETCHER_OF_ROOT[root] = fetcher
-    elif len(fetcher.hosts) != len(hosts) or any(
-        a is not b for a, b in zip(fetcher.hosts, hosts, strict=False)
-    ):
+    elif [id(h) for h in fetcher.hosts] != [id(h) for h in hosts]:
         raise ValueError("this model's parameters are already offloaded another way")
     return fetcher
 
@@ -233,13 +234,9 @@ class HostFetcher:
         self.device = device
 
     def fetch(self, index: int) -> torch.Tensor:
-        host = self.hosts[index]
-        if self.device.type == "cpu":
-            return host.clone()
-        out = torch.empty_strided(host.shape, host.stride(), dtype=host.dtype, device=self.device)
-        return out.copy_(host, non_blocking=True)
+        return self.empty_like(index).copy_(self.hosts[index], non_blocking=True)
 
     def empty_like(self, index: int) -> torch.Tensor:
-        """A tensor shaped like what ``fetch`` returns (for fake tensor tracing)."""
+        """An uninitialised tensor like what ``fetch`` returns (also its fake for tracing)."""
         host = self.hosts[index]
         return torch.empty_strided(host.shape, host.stride(), dtype=host.dtype, device=self.device)
