@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from offload_compiler.config import PrefetchOffloadConfig
 from offload_compiler.pool import pinned_copy
 
 _OFFLOADERS: list[HookPrefetchOffloader] = []
@@ -44,7 +45,9 @@ class HookPrefetchOffloader:
     ) -> None:
         self.id = len(_OFFLOADERS)
         _OFFLOADERS.append(self)
-        self.indices = [i for i in range(len(layers)) if i % group >= group - num]
+        self.indices = PrefetchOffloadConfig(
+            offload_group_size=group, offload_num_in_group=num, offload_prefetch_step=step
+        ).offloaded_layers(len(layers))
         self.step = step
         self.device = device
         slots = min(step, len(self.indices))

@@ -24,6 +24,9 @@ from pathlib import Path
 
 import torch
 
+from offload_compiler.config import PrefetchOffloadConfig
+from offload_compiler.demo import h2d_gbps
+
 LLAMA_8B = {"hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "vocab": 128256}
 SMOKE = {"hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 2, "vocab": 256}
 
@@ -129,20 +132,15 @@ def prepare(spec: dict, device: torch.device, dtype: torch.dtype):
             p["offload_prefetch_step"],
             device,
         )
-        torch.cuda.empty_cache() if device.type == "cuda" else None
-        return _call(torch.compile(model, mode=None if mode == "default" else mode)), (
-            offloader.offloaded_bytes
-        )
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        compiled = torch.compile(model, mode=None if mode == "default" else mode)
+        return _call(compiled), offloader.offloaded_bytes
     if method == "accelerate":
         from accelerate import cpu_offload
 
-        p = spec["prefetch"]
         layers = _layers(model)
-        chosen = [
-            i
-            for i in range(len(layers))
-            if i % p["offload_group_size"] >= p["offload_group_size"] - p["offload_num_in_group"]
-        ]
+        chosen = PrefetchOffloadConfig(**spec["prefetch"]).offloaded_layers(len(layers))
         moved = sum(q.nbytes for i in chosen for q in layers[i].parameters())
         for i in chosen:
             cpu_offload(layers[i], execution_device=device)
@@ -165,26 +163,12 @@ def prepare(spec: dict, device: torch.device, dtype: torch.dtype):
     raise ValueError(f"unknown method {method!r}")
 
 
-def h2d_gbps(device: torch.device, nbytes: int = 512 * 2**20) -> float:
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dev.copy_(host, non_blocking=True)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        dev.copy_(host, non_blocking=True)
-    end.record()
-    torch.cuda.synchronize()
-    return 5 * nbytes / (start.elapsed_time(end) * 1e6)
-
-
 def run_cell(spec: dict) -> dict:
     device = torch.device(spec["device"])
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     if spec["method"] == "bandwidth":
-        return {**spec, "h2d_GBps": h2d_gbps(device)}
+        return {**spec, "h2d_GBps": h2d_gbps(device, 512 * 2**20)}
     if spec.get("memory_fraction"):
         torch.cuda.set_per_process_memory_fraction(spec["memory_fraction"], device)
     setup = time.perf_counter()
@@ -298,12 +282,10 @@ def label(cell: dict) -> str:
         )
     if cell["method"] == "uva":
         return f"uva {'in-place' if cell['uva']['use_unified_addressing'] else 'copies'}"
-    if cell["method"] in ("accelerate", "diffusers"):
-        return (
-            f"{cell['method']} {p['offload_group_size']}/{p['offload_num_in_group']}"
-            if (cell["method"] == "accelerate")
-            else "diffusers all layers"
-        )
+    if cell["method"] == "accelerate":
+        return f"accelerate {p['offload_group_size']}/{p['offload_num_in_group']}"
+    if cell["method"] == "diffusers":
+        return "diffusers all layers"
     return cell["method"]
 
 
