@@ -4,9 +4,13 @@
     python -m benchmarks.offload_bench --smoke --out DIR    # tiny CPU run (CI)
 
 Each cell (a method, a configuration, an Inductor mode) runs in a fresh process, so offloaded
-host copies and compile state never leak from one cell into the next; the cell times one
-forward over each token count (batch 1) and prints one JSON line. The parent gathers them and
-writes ``results.json``, ``results.md`` and ``results.png`` into ``--out``.
+host copies and compile state never leak from one cell into the next. ``--jobs`` workers prepare
+(build, compile, warm up) at once, but only one at a time measures: a worker touches the GPU only
+while it holds a file lock, which it gives up while Dynamo compiles (the long, CPU-only part)
+and which the measuring worker holds throughout its timed runs. A cell times one forward over
+each token count (batch 1) and prints one JSON line. The parent gathers them and writes
+``results.json``, ``results.md`` and ``results.png`` into ``--out``; ``--merge`` joins the
+results of several runs (one grid split over several device calls).
 
 Bound of a cell: max(T_compute, copied bytes / H2D bandwidth), where T_compute is the same model
 compiled without offloading in the same mode, and the bandwidth is measured in the same run.
@@ -15,11 +19,17 @@ compiled without offloading in the same mode, and the bandwidth is measured in t
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import math
+import os
+import queue
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -163,54 +173,114 @@ def prepare(spec: dict, device: torch.device, dtype: torch.dtype):
     raise ValueError(f"unknown method {method!r}")
 
 
-def run_cell(spec: dict) -> dict:
+class GpuLock:
+    """An exclusive file lock over GPU work, shared by the workers of one run.
+
+    Held by a worker while it builds its model and runs warm-up calls, released while Dynamo
+    compiles (``torch._dynamo`` compile callbacks), and held by the measuring worker for all its
+    timed runs, so no other cell's kernels or copies share the GPU with a measurement.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.file = path.open("a")
+        self.held = False
+
+    def acquire(self, *_: object) -> None:
+        if not self.held:
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+            self.held = True
+
+    def release(self, *_: object) -> None:
+        if self.held:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.held = False
+
+    def release_while_compiling(self) -> None:
+        from torch._dynamo.callback import callback_handler
+
+        callback_handler.register_start_callback(self.release)
+        callback_handler.register_end_callback(self.acquire)
+
+
+def time_calls(call, ids: torch.Tensor, cuda: bool, runs: int, min_run_s: float) -> list[float]:
+    """ms per call of ``runs`` runs of back-to-back calls, each run at least ``min_run_s`` long
+    (and at least 3 calls), between two device-wide syncs: a sync per call, or an end event on
+    the compute stream alone, would leave the copies started for the next call outside the
+    timed window."""
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    sync()
+    begin = time.perf_counter()
+    call(ids)
+    sync()
+    calls = max(3, math.ceil(min_run_s / max(time.perf_counter() - begin, 1e-6)))
+    times = []
+    for _ in range(runs):
+        sync()
+        begin = time.perf_counter()
+        for _ in range(calls):
+            call(ids)
+        sync()
+        times.append((time.perf_counter() - begin) * 1e3 / calls)
+    return times
+
+
+def run_cell(spec: dict, lock: GpuLock, go=None) -> dict:
+    """Prepare the cell (holding ``lock`` except while compiling), warm up every token count,
+    then wait for ``go()`` (the parent's turn to measure) and time it holding ``lock``."""
     device = torch.device(spec["device"])
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    if spec["method"] == "bandwidth":
-        return {**spec, "h2d_GBps": h2d_gbps(device, 512 * 2**20)}
+    lock.release_while_compiling()
+    lock.acquire()
     if spec.get("memory_fraction"):
         torch.cuda.set_per_process_memory_fraction(spec["memory_fraction"], device)
     setup = time.perf_counter()
-    call, moved = prepare(spec, device, dtype)
-    resident = torch.cuda.memory_allocated(device) if cuda else 0
+    inputs = {}
+    if spec["method"] != "bandwidth":
+        call, moved = prepare(spec, device, dtype)
+        resident = torch.cuda.memory_allocated(device) if cuda else 0
+        with torch.no_grad():
+            for tokens in spec["tokens"]:  # compiles (and CUDA graph recordings) for each
+                inputs[tokens] = torch.randint(
+                    0, spec["shape"]["vocab"], (1, tokens), device=device
+                )
+                for _ in range(3):
+                    call(inputs[tokens])
+        if cuda:
+            torch.cuda.synchronize()
+    setup_s = time.perf_counter() - setup
+    lock.release()
+    if go is not None:
+        go()
+    lock.acquire()
+    if spec["method"] == "bandwidth":
+        return {**spec, "h2d_GBps": h2d_gbps(device, 512 * 2**20)}
     results = []
     with torch.no_grad():
-        for tokens in spec["tokens"]:
-            ids = torch.randint(0, spec["shape"]["vocab"], (1, tokens), device=device)
-            for _ in range(3):
-                call(ids)
+        for tokens, ids in inputs.items():
             if cuda:
-                torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats(device)
-            # Back-to-back calls, as in serving, between two device-wide syncs: a sync per
-            # call, or an end event on the compute stream alone, would leave the copies
-            # started for the next call outside the timed window.
-            calls = spec["iters"] if tokens < 2048 else max(3, spec["iters"] // 3)
-            times = []
-            for _ in range(3):
-                if cuda:
-                    torch.cuda.synchronize()
-                begin = time.perf_counter()
-                for _ in range(calls):
-                    call(ids)
-                if cuda:
-                    torch.cuda.synchronize()
-                times.append((time.perf_counter() - begin) * 1e3 / calls)
+            times = time_calls(call, ids, cuda, spec.get("runs", 5), spec.get("min_run_s", 0.5))
             ms = statistics.median(times)
             results.append(
                 {
                     "tokens": tokens,
                     "ms": ms,
+                    "ms_runs": times,
                     "peak_bytes": torch.cuda.max_memory_allocated(device) if cuda else 0,
                     "achieved_GBps": moved / (ms * 1e6) if moved else 0.0,
                 }
             )
+    lock.release()
     return {
         **spec,
         "copied_bytes_per_forward": moved,
         "resident_bytes_after_setup": resident,
-        "setup_s": time.perf_counter() - setup,
+        "setup_s": setup_s,
         "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
         "torch": torch.__version__,
         "results": results,
@@ -228,21 +298,18 @@ def grid(args: argparse.Namespace) -> list[dict]:
         "shape": shape,
         "layers": args.layers,
         "tokens": args.tokens,
-        "iters": args.iters,
+        "runs": args.runs,
+        "min_run_s": args.min_run_s,
         "transformers": not args.smoke,
     }
     cells: list[dict] = [] if args.smoke else [{**base, "method": "bandwidth"}]
     for mode in args.modes:
-        cells.append({**base, "method": "resident", "mode": mode})
-        for group, num, step in args.configs:
-            prefetch = {
-                "offload_group_size": group,
-                "offload_num_in_group": num,
-                "offload_prefetch_step": step,
-            }
+        if not args.no_resident:
+            cells.append({**base, "method": "resident", "mode": mode})
+        for prefetch in args.configs:
             cells.append({**base, "method": "offload", "mode": mode, "prefetch": prefetch})
-            if (group, num, step) in args.hook_configs:
-                cells.append({**base, "method": "hook", "mode": mode, "prefetch": prefetch})
+        for prefetch in args.hook_configs:
+            cells.append({**base, "method": "hook", "mode": mode, "prefetch": prefetch})
         for uva in args.uva:
             cells.append(
                 {
@@ -276,10 +343,13 @@ def label(cell: dict) -> str:
         return f"{cell['label']} {cell['method']}"
     p = cell.get("prefetch")
     if cell["method"] in ("offload", "hook"):
-        return (
+        text = (
             f"{cell['method']} {p['offload_group_size']}/{p['offload_num_in_group']} "
             f"step {p['offload_prefetch_step']}"
         )
+        if cell["method"] == "offload" and "offload_per_param" in p:
+            text += " per-param" if p["offload_per_param"] else " per-layer"
+        return text
     if cell["method"] == "uva":
         return f"uva {'in-place' if cell['uva']['use_unified_addressing'] else 'copies'}"
     if cell["method"] == "accelerate":
@@ -372,81 +442,217 @@ def plot(cells: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+class _Worker:
+    """One cell's process: it prints ``READY`` when prepared, waits for ``GO`` on stdin, then
+    prints its ``CELL`` line."""
+
+    def __init__(self, spec: dict, lock: Path, log: Path, events: queue.Queue) -> None:
+        self.spec, self.began, self.result = spec, time.perf_counter(), None
+        self.log = log.open("w")
+        env = {
+            **os.environ,
+            "TORCHINDUCTOR_COMPILE_THREADS": os.environ.get("TORCHINDUCTOR_COMPILE_THREADS", "4"),
+        }
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.offload_bench",
+                "--worker",
+                json.dumps(spec),
+                "--lock",
+                str(lock),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=env,
+        )
+        threading.Thread(target=self._read, args=(events,), daemon=True).start()
+
+    def _read(self, events: queue.Queue) -> None:
+        for line in self.proc.stdout:
+            events.put((self, line.rstrip("\n")))
+        self.proc.wait()
+        events.put((self, None))
+
+    def go(self) -> None:
+        self.proc.stdin.write("GO\n")
+        self.proc.stdin.flush()
+
+
+def run_grid(cells: list[dict], out: Path, jobs: int, timeout: float) -> list[dict]:
+    """Run every cell in its own worker, ``jobs`` at a time, one measuring at a time; write
+    ``results.json`` after each cell, so a run cut short keeps what it measured."""
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    lock = out / ".gpu.lock"
+    events: queue.Queue = queue.Queue()
+    todo = deque(enumerate(cells))
+    running: dict[_Worker, int] = {}
+    ready: deque[_Worker] = deque()
+    measuring: _Worker | None = None
+    done: dict[int, dict] = {}
+    while todo or running:
+        while todo and len(running) < jobs:
+            index, spec = todo.popleft()
+            running[_Worker(spec, lock, out / "logs" / f"cell{index:03d}.log", events)] = index
+        try:
+            worker, line = events.get(timeout=5)
+        except queue.Empty:
+            worker, line = None, None
+        if worker is not None and line == "READY":
+            ready.append(worker)
+        elif worker is not None and line is not None and line.startswith("CELL "):
+            worker.result = json.loads(line[5:])
+        elif worker is not None and line is None:  # the worker exited
+            cell = worker.result or {**worker.spec, "error": _tail(worker.log.name)}
+            done[running.pop(worker)] = cell
+            if measuring is worker:
+                measuring = None
+            if worker in ready:
+                ready.remove(worker)
+            status = cell.get("error") or " ".join(
+                f"{r['tokens']}:{r['ms']:.2f}" for r in cell.get("results", [])
+            )
+            print(
+                f"[{time.perf_counter() - worker.began:5.0f} s] {label(cell)} "
+                f"{cell.get('mode', '')}: {status}",
+                flush=True,
+            )
+            (out / "results.json").write_text(json.dumps(analyse(_ordered(done)), indent=1))
+        for worker in list(running):
+            if time.perf_counter() - worker.began > timeout and worker.proc.poll() is None:
+                worker.result = {**worker.spec, "error": f"timed out after {timeout:.0f} s"}
+                worker.proc.kill()
+        if measuring is None and ready:
+            measuring = ready.popleft()
+            measuring.go()
+    return analyse(_ordered(done))
+
+
+def _ordered(done: dict[int, dict]) -> list[dict]:
+    return [done[i] for i in sorted(done)]
+
+
+def _tail(path: str) -> str:
+    return Path(path).read_text()[-500:]
+
+
+def worker_main(spec: dict, lock_path: Path) -> int:
+    def go() -> None:
+        print("READY", flush=True)
+        if sys.stdin.readline().strip() != "GO":
+            raise SystemExit("the parent went away")
+
+    try:
+        result = run_cell(spec, GpuLock(lock_path), go)
+    except Exception as err:  # a failed cell is reported, not fatal to the grid
+        result = {**spec, "error": f"{type(err).__name__}: {err}"[:500]}
+    print("CELL " + json.dumps(result), flush=True)
+    return 0
+
+
+def write_outputs(cells: list[dict], out: Path, command: str) -> None:
+    (out / "results.json").write_text(json.dumps(cells, indent=1))
+    (out / "results.md").write_text(markdown(cells, command))
+    plot(cells, out / "results.png")
+
+
+def merge(dirs: list[Path]) -> list[dict]:
+    """The cells of several runs as one grid; bounds use the median of their bandwidth cells."""
+    cells = [c for d in dirs for c in json.loads((d / "results.json").read_text())]
+    bandwidths = [c["h2d_GBps"] for c in cells if c["method"] == "bandwidth" and "h2d_GBps" in c]
+    others = [c for c in cells if c["method"] != "bandwidth"]
+    if bandwidths:
+        median = {
+            **cells[0],
+            "method": "bandwidth",
+            "h2d_GBps": statistics.median(bandwidths),
+            "h2d_GBps_runs": bandwidths,
+        }
+        others.insert(0, median)
+    return analyse(others)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run (CI)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--lock", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--merge", type=Path, nargs="+", help="join these runs' results.json")
     parser.add_argument("--layers", type=int)
     parser.add_argument("--tokens", type=lambda s: [int(t) for t in s.split(",")])
-    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per token count")
+    parser.add_argument("--min-run-s", type=float, default=0.5, help="shortest timed run")
+    parser.add_argument("--jobs", type=int, default=3, help="cells prepared at once")
     parser.add_argument("--modes", type=lambda s: s.split(","))
-    parser.add_argument("--configs", type=_configs, help="group/num/step,... e.g. 2/1/2,1/1/1")
+    parser.add_argument(
+        "--configs", type=_configs, help="group/num/step[:pp|:layer],... e.g. 2/1/1:pp,1/1/2"
+    )
     parser.add_argument("--hook-configs", type=_configs, default=[])
     parser.add_argument("--uva", type=lambda s: [u for u in s.split(",") if u], default=[])
     parser.add_argument("--uva-gb", type=float, default=1.0)
     parser.add_argument("--peers", type=lambda s: [p for p in s.split(",") if p], default=[])
     parser.add_argument("--cap", type=float, help="memory fraction for a capped run")
+    parser.add_argument("--no-resident", action="store_true", help="T_compute from --merge")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per cell")
     args = parser.parse_args(argv)
     if args.worker:
-        try:
-            result = run_cell(json.loads(args.worker))
-        except Exception as err:  # a failed cell is reported, not fatal to the grid
-            result = {**json.loads(args.worker), "error": f"{type(err).__name__}: {err}"[:500]}
-        print("CELL " + json.dumps(result), flush=True)
-        return 0
+        return worker_main(json.loads(args.worker), args.lock)
     if args.out is None:
         parser.error("--out is required")
-    if args.smoke:
-        args.layers = args.layers or 4
-        args.tokens = args.tokens or [4, 16]
-        args.modes = args.modes or ["default"]
-        args.configs = args.configs or [(1, 1, 1), (2, 1, 2)]
-        args.hook_configs = args.hook_configs or [(2, 1, 2)]
-        args.uva = args.uva or ["copies"]
-        args.uva_gb = 2e-4
-        args.iters = 3
-    else:
-        args.layers = args.layers or 32
-        args.tokens = args.tokens or [1, 16, 256, 2048, 8192]
-        args.modes = args.modes or ["default", "reduce-overhead"]
-        args.configs = args.configs or [(g, 1, s) for g in (1, 2, 4, 8) for s in (1, 2, 4)]
     args.out.mkdir(parents=True, exist_ok=True)
-    cells = []
-    for spec in grid(args):
-        begin = time.perf_counter()
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "benchmarks.offload_bench", "--worker", json.dumps(spec)],
-                capture_output=True,
-                text=True,
-                timeout=args.timeout,
-            )
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("CELL ")), None)
-            cell = json.loads(line[5:]) if line else {**spec, "error": proc.stderr[-500:]}
-        except subprocess.TimeoutExpired:
-            cell = {**spec, "error": f"timed out after {args.timeout} s"}
-        cells.append(cell)
-        status = cell.get("error") or " ".join(
-            f"{r['tokens']}:{r['ms']:.2f}" for r in cell.get("results", [])
-        )
-        print(
-            f"[{time.perf_counter() - begin:5.0f} s] {label(cell)} {cell.get('mode', '')}: "
-            f"{status}",
-            flush=True,
-        )
-        (args.out / "results.json").write_text(json.dumps(analyse(cells), indent=1))
-    cells = analyse(cells)
-    command = "python -m benchmarks.offload_bench " + " ".join(sys.argv[1:])
-    (args.out / "results.md").write_text(markdown(cells, command))
-    plot(cells, args.out / "results.png")
+    command = "python -m benchmarks.offload_bench " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
+    if args.merge:
+        cells = merge(args.merge)
+    else:
+        _defaults(args)
+        cells = run_grid(grid(args), args.out, args.jobs, args.timeout)
+    write_outputs(cells, args.out, command)
     print((args.out / "results.md").read_text())
     return 0
 
 
-def _configs(text: str) -> list[tuple[int, int, int]]:
-    return [tuple(int(x) for x in item.split("/")) for item in text.split(",") if item]
+def _defaults(args: argparse.Namespace) -> None:
+    if args.smoke:
+        args.layers = args.layers or 4
+        args.tokens = args.tokens or [4, 16]
+        args.modes = args.modes or ["default"]
+        args.configs = args.configs or _configs("1/1/1,2/1/2,2/1/1:pp")
+        args.hook_configs = args.hook_configs or _configs("2/1/2")
+        args.uva = args.uva or ["copies"]
+        args.uva_gb = 2e-4
+        args.runs, args.min_run_s, args.jobs = 2, 0.05, 2
+    else:
+        args.layers = args.layers or 32
+        args.tokens = args.tokens or [1, 16, 256, 2048, 8192]
+        args.modes = args.modes or ["default", "reduce-overhead"]
+        if args.configs is None:
+            args.configs = _configs(",".join(f"{g}/1/{s}" for g in (1, 2, 4, 8) for s in (1, 2, 4)))
+
+
+def _configs(text: str) -> list[dict]:
+    """``group/num/step`` items, comma-separated, each optionally suffixed ``:pp`` (per-parameter
+    streaming on) or ``:layer`` (off); without a suffix the package default applies."""
+    configs = []
+    for item in filter(None, text.split(",")):
+        numbers, _, streaming = item.partition(":")
+        group, num, step = (int(x) for x in numbers.split("/"))
+        prefetch = {
+            "offload_group_size": group,
+            "offload_num_in_group": num,
+            "offload_prefetch_step": step,
+        }
+        if streaming:
+            if streaming not in ("pp", "layer"):
+                raise argparse.ArgumentTypeError(f"unknown suffix :{streaming} in {item!r}")
+            prefetch["offload_per_param"] = streaming == "pp"
+        configs.append(prefetch)
+    return configs
 
 
 if __name__ == "__main__":

@@ -81,6 +81,36 @@ return [x_2]""",
         )
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+class TestInPlaceGraph(expecttest.TestCase):
+    def test_reads_stay_parameter_reads_of_host_memory(self):
+        """Zero copy: the graph is not rewritten (no fetch, no prefetch op); the parameters it
+        reads are device views whose pointer is the pinned host copy's."""
+        torch.manual_seed(0)
+        model = MLPStack(layers=2, dim=8).cuda()
+        options = {"uva": {"cpu_offload_gb": _gb(3 * 256 + 2 * 32), "cpu_offload_params": []}}
+        (rewrite,) = rewrites(model, options, torch.randn(2, 8, device="cuda"))
+        self.assertExpectedInline(
+            summary(rewrite.gm),
+            """\
+x = linear(l_x, proj_in.weight, proj_in.bias)
+_log_api_usage_once = _log_api_usage_once('python.nn_module')
+linear_1 = linear(x, blocks.0.fc.weight, blocks.0.fc.bias)
+relu = relu(linear_1)
+x_1 = add(relu, x)
+linear_2 = linear(x_1, blocks.1.fc.weight, blocks.1.fc.bias)
+relu_1 = relu(linear_2)
+x_2 = add(relu_1, x_1)
+return [x_2]""",
+        )
+        offloaded = [p for p in model.parameters() if host_copy(p) is not None]
+        assert len(offloaded) == 5  # the same five parameters the fallback form fetches
+        for param in offloaded:
+            assert param.device.type == "cuda" and host_copy(param).is_pinned()
+            assert param.data_ptr() == host_copy(param).data_ptr()
+
+
 @pytest.mark.parametrize("segments", [[], ["q_proj", "down_proj"]])
 def test_fallback_equals_inductor_on_every_call(segments, caplog):
     torch.manual_seed(0)
