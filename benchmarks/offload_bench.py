@@ -102,35 +102,27 @@ def prepare(spec: dict, device: torch.device, dtype: torch.dtype):
     from offload_compiler.pool import host_copy
 
     method, mode = spec["method"], spec.get("mode", "default")
-    if method == "offload":
-        options = {"prefetch": spec["prefetch"]}
+    if method in ("offload", "uva"):
+        import offload_compiler
+
+        if method == "offload":
+            options = {"prefetch": spec["prefetch"]}
+        else:
+            options = {"uva": {"cpu_offload_gb": spec["uva_gb"], **spec.get("uva", {})}}
         if mode != "default":
             options["mode"] = mode
-        if spec.get("memory_fraction"):  # the model does not fit: place it from the CPU
-            import offload_compiler
-
-            model = build_model(spec, torch.device("cpu"), dtype)
-            offload_compiler.place_model(model, options, device)
-        else:  # the backend moves the offloaded weights off the GPU when it compiles
-            model = build_model(spec, device, dtype)
-        compiled = torch.compile(model, backend="offload", options=options)
-        with torch.no_grad():
-            _call(compiled)(torch.zeros(1, 1, dtype=torch.long, device=device))
+        # Built on the GPU unless it must not fit there; either way the offloaded weights go to
+        # pinned host memory now, before compiling, as a model too big for the GPU needs.
+        capped = bool(spec.get("memory_fraction"))
+        model = build_model(spec, torch.device("cpu") if capped else device, dtype)
+        offload_compiler.place_model(model, options, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         moved = sum(p.nbytes for p in model.parameters() if host_copy(p) is not None)
-        return _call(compiled), moved
+        return _call(torch.compile(model, backend="offload", options=options)), moved
     model = build_model(spec, device, dtype)
     if method == "resident":
         return _call(torch.compile(model, mode=None if mode == "default" else mode)), 0
-    if method == "uva":
-        options = {"uva": {"cpu_offload_gb": spec["uva_gb"], **spec.get("uva", {})}}
-        if mode != "default":
-            options["mode"] = mode
-        compiled = torch.compile(model, backend="offload", options=options)
-        call = _call(compiled)
-        with torch.no_grad():
-            call(torch.zeros(1, 1, dtype=torch.long, device=device))  # offloads on compile
-        moved = sum(p.nbytes for p in model.parameters() if host_copy(p) is not None)
-        return call, moved
     if method == "hook":
         from benchmarks.hook_offloader import HookPrefetchOffloader
 
@@ -234,6 +226,10 @@ def run_cell(spec: dict, lock: GpuLock, go=None) -> dict:
     device = torch.device(spec["device"])
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
+    cores = sorted(os.sched_getaffinity(0))
+    isolate = len(cores) >= 8  # two cores for the measuring worker, the rest for preparing
+    if isolate:
+        os.sched_setaffinity(0, cores[2:])  # threads and compile workers started now inherit it
     lock.release_while_compiling()
     lock.acquire()
     if spec.get("memory_fraction"):
@@ -256,6 +252,8 @@ def run_cell(spec: dict, lock: GpuLock, go=None) -> dict:
     lock.release()
     if go is not None:
         go()
+    if isolate:
+        os.sched_setaffinity(0, cores[:2])
     lock.acquire()
     if spec["method"] == "bandwidth":
         return {**spec, "h2d_GBps": h2d_gbps(device, 512 * 2**20)}
@@ -482,9 +480,13 @@ class _Worker:
         self.proc.stdin.flush()
 
 
-def run_grid(cells: list[dict], out: Path, jobs: int, timeout: float) -> list[dict]:
+def run_grid(
+    cells: list[dict], out: Path, jobs: int, timeout: float, deadline: float
+) -> list[dict]:
     """Run every cell in its own worker, ``jobs`` at a time, one measuring at a time; write
-    ``results.json`` after each cell, so a run cut short keeps what it measured."""
+    ``results.json`` after each cell, so a run cut short keeps what it measured. No worker
+    starts ``deadline`` seconds after the first (the rest are listed as not run)."""
+    began = time.perf_counter()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     lock = out / ".gpu.lock"
     events: queue.Queue = queue.Queue()
@@ -494,6 +496,12 @@ def run_grid(cells: list[dict], out: Path, jobs: int, timeout: float) -> list[di
     measuring: _Worker | None = None
     done: dict[int, dict] = {}
     while todo or running:
+        if todo and time.perf_counter() - began > deadline:
+            print(
+                f"deadline: {len(todo)} cells not run: "
+                + ", ".join(label(spec) + " " + spec.get("mode", "") for _, spec in todo)
+            )
+            todo.clear()
         while todo and len(running) < jobs:
             index, spec = todo.popleft()
             running[_Worker(spec, lock, out / "logs" / f"cell{index:03d}.log", events)] = index
@@ -598,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cap", type=float, help="memory fraction for a capped run")
     parser.add_argument("--no-resident", action="store_true", help="T_compute from --merge")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per cell")
+    parser.add_argument("--deadline", type=float, default=1e9, help="no cell starts after it")
     args = parser.parse_args(argv)
     if args.worker:
         return worker_main(json.loads(args.worker), args.lock)
@@ -611,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = merge(args.merge)
     else:
         _defaults(args)
-        cells = run_grid(grid(args), args.out, args.jobs, args.timeout)
+        cells = run_grid(grid(args), args.out, args.jobs, args.timeout, args.deadline)
     write_outputs(cells, args.out, command)
     print((args.out / "results.md").read_text())
     return 0

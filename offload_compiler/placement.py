@@ -2,8 +2,9 @@
 
 A model whose weights do not fit on the GPU cannot be moved with ``model.cuda()`` and offloaded
 afterwards. `place_model` walks the parameters of a model built on the CPU one at a time: those
-of offloaded layers go to pinned host memory (the parameter becomes a zero-memory CUDA view of
-it), all others to the GPU. The backend then finds the host copies already made.
+the configuration offloads (the prefetch backend's layers, or the UVA backend's parameters in
+model order up to its budget) go to pinned host memory (the parameter becomes a zero-memory CUDA
+view of it), all others to the GPU. The backend then finds the host copies already made.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 
 from .config import OffloadConfig
 from .discovery import layer_list_of
-from .planning import plan_prefetch, shared_parameters
+from .planning import plan_prefetch, plan_uva, shared_parameters
 from .pool import offload_parameter
 
 
@@ -50,8 +51,11 @@ def place_model(
             for name in layer.params:
                 offload_parameter(params[name], device)
                 offloaded.add(id(params[name]))
-    elif config.selected_backend is not None:
-        raise NotImplementedError(f"place_model for offload_backend={config.offload_backend!r}")
+    elif config.selected_backend == "uva":
+        params = dict(model.named_parameters())
+        for name in plan_uva(model, config.uva).params:
+            offload_parameter(params[name], device)
+            offloaded.add(id(params[name]))
     for param in model.parameters():
         if id(param) not in offloaded:
             param.data = param.data.to(device)

@@ -186,6 +186,35 @@ def test_place_model_never_holds_the_whole_model():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("in_place", [True, False])
+def test_place_model_for_uva_keeps_the_budget_off_the_gpu(in_place):
+    torch.manual_seed(0)
+    model = LlamaShaped(layers=8, dim=1024, heads=8, kv_heads=4, hidden=2048, vocab=VOCAB)
+    reference_model = clone_model(model)
+    total = sum(p.nbytes for p in model.parameters())
+    options = {"uva": {"cpu_offload_gb": 0.5 * total / 2**30, "use_unified_addressing": in_place}}
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    offload_compiler.place_model(model, options, "cuda")
+    placed = torch.cuda.max_memory_allocated() - base
+    moved = sum(p.nbytes for p in model.parameters() if host_copy(p) is not None)
+    compiled = torch.compile(model, backend="offload", options=options)
+    ids = torch.randint(0, VOCAB, (1, 32), device="cuda")
+    with torch.no_grad():
+        got = compiled(ids).clone()
+    _record(
+        f"place_model_uva[in_place={in_place}]",
+        {"model_bytes": total, "offloaded": moved, "peak_while_placing": placed},
+    )
+    assert moved >= 0.5 * total
+    assert placed <= total - moved
+    with torch.no_grad():
+        expected = torch.compile(reference_model.cuda())(ids)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def _intervals(trace: dict, predicate) -> list[tuple[float, float, int]]:
     return [
         (e["ts"], e["ts"] + e["dur"], e.get("args", {}).get("stream", -1))

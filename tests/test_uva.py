@@ -9,6 +9,7 @@ import expecttest
 import pytest
 import torch
 
+import offload_compiler
 from offload_compiler import OffloadConfig
 from offload_compiler.config import UVAOffloadConfig
 from offload_compiler.planning import plan_uva
@@ -109,6 +110,23 @@ return [x_2]""",
         for param in offloaded:
             assert param.device.type == "cuda" and host_copy(param).is_pinned()
             assert param.data_ptr() == host_copy(param).data_ptr()
+
+
+def test_place_model_offloads_the_plan_before_compiling():
+    torch.manual_seed(0)
+    model = LlamaShaped(layers=4, dim=32, heads=4, kv_heads=2, hidden=64, vocab=64)
+    reference = torch.compile(clone_model(model))
+    options = {"uva": {"cpu_offload_gb": _gb(30_000)}}
+    offload_compiler.place_model(model, options, "cpu")
+    chosen = plan_uva(model, UVAOffloadConfig(cpu_offload_gb=_gb(30_000))).params
+    params = dict(model.named_parameters())
+    assert chosen and all(host_copy(params[name]) is not None for name in chosen)
+    assert host_copy(model.lm_head.weight) is None  # past the budget: stays where it is
+    compiled = torch.compile(model, backend="offload", options=options)
+    with torch.no_grad():
+        for _ in range(2):
+            ids = torch.randint(0, 64, (2, 8))
+            torch.testing.assert_close(compiled(ids), reference(ids), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("segments", [[], ["q_proj", "down_proj"]])
