@@ -97,7 +97,7 @@ def _call(model: torch.nn.Module):
     return run
 
 
-def prepare(spec: dict, device: torch.device, dtype: torch.dtype):
+def prepare(spec: dict, device: torch.device, dtype: torch.dtype, lock: GpuLock):
     """The model set up for the cell's method: (callable, bytes copied per forward)."""
     from offload_compiler.pool import host_copy
 
@@ -113,8 +113,12 @@ def prepare(spec: dict, device: torch.device, dtype: torch.dtype):
             options["mode"] = mode
         # Built on the GPU unless it must not fit there; either way the offloaded weights go to
         # pinned host memory now, before compiling, as a model too big for the GPU needs.
-        capped = bool(spec.get("memory_fraction"))
-        model = build_model(spec, torch.device("cpu") if capped else device, dtype)
+        if spec.get("memory_fraction"):
+            lock.release()  # a CPU build is long and uses no GPU
+            model = build_model(spec, torch.device("cpu"), dtype)
+            lock.acquire()
+        else:
+            model = build_model(spec, device, dtype)
         offload_compiler.place_model(model, options, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -237,7 +241,7 @@ def run_cell(spec: dict, lock: GpuLock, go=None) -> dict:
     setup = time.perf_counter()
     inputs = {}
     if spec["method"] != "bandwidth":
-        call, moved = prepare(spec, device, dtype)
+        call, moved = prepare(spec, device, dtype, lock)
         resident = torch.cuda.memory_allocated(device) if cuda else 0
         with torch.no_grad():
             for tokens in spec["tokens"]:  # compiles (and CUDA graph recordings) for each
