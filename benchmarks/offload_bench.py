@@ -156,8 +156,12 @@ def prepare(spec: dict, device: torch.device, dtype: torch.dtype, lock: GpuLock)
         from diffusers.hooks import apply_group_offloading
 
         moved = sum(q.nbytes for q in _layers(model).parameters())
+        # Block-level grouping takes the ModuleList children of the module it is given, so
+        # it gets a holder of the layer list (the list itself is never called).
+        holder = torch.nn.Module()
+        holder.layers = _layers(model)
         apply_group_offloading(
-            _layers(model),
+            holder,
             onload_device=device,
             offload_device=torch.device("cpu"),
             offload_type="block_level",
