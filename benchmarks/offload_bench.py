@@ -241,7 +241,7 @@ def run_cell(spec: dict, lock: GpuLock, go=None) -> dict:
     lock.release_while_compiling()
     lock.acquire()
     if spec.get("memory_fraction"):
-        torch.cuda.set_per_process_memory_fraction(spec["memory_fraction"], device)
+        torch.cuda.set_per_process_memory_fraction(spec["memory_fraction"], device.index or 0)
     setup = time.perf_counter()
     inputs = {}
     if spec["method"] != "bandwidth":
