@@ -366,7 +366,8 @@ def label(cell: dict) -> str:
 
 
 def analyse(cells: list[dict]) -> list[dict]:
-    """Attach the bound and ratio to every timed result."""
+    """Attach the bound and ratio to every timed result. A cell's bandwidth is that of its own
+    run (``run_h2d_GBps``, set by `merge`), else the run's only bandwidth cell."""
     bandwidth = next((c["h2d_GBps"] for c in cells if c["method"] == "bandwidth"), None)
     compute = {
         (c["mode"], r["tokens"]): r["ms"]
@@ -376,36 +377,61 @@ def analyse(cells: list[dict]) -> list[dict]:
     }
     for cell in cells:
         mode = cell.get("mode")
+        gbps = cell.get("run_h2d_GBps", bandwidth)
         for r in cell.get("results", []):
             t_compute = compute.get((mode, r["tokens"]), compute.get(("default", r["tokens"])))
-            copy_ms = (
-                cell["copied_bytes_per_forward"] / (bandwidth * 1e6)
-                if bandwidth and cell["copied_bytes_per_forward"]
-                else 0.0
-            )
+            copied = cell["copied_bytes_per_forward"] if cell["method"] != "uva" else 0
+            copy_ms = copied / (gbps * 1e6) if gbps and copied else 0.0
             r["bound_ms"] = max(t_compute or 0.0, copy_ms)
             r["ratio"] = r["ms"] / r["bound_ms"] if r["bound_ms"] else None
     return cells
 
 
+_METHOD_ORDER = ["resident", "offload", "hook", "uva", "accelerate", "diffusers"]
+
+
+def _row_order(cell: dict) -> tuple:
+    p = cell.get("prefetch") or {}
+    return (
+        cell.get("mode") != "default",
+        bool(cell.get("label")),
+        _METHOD_ORDER.index(cell["method"]) if cell["method"] in _METHOD_ORDER else 99,
+        p.get("offload_prefetch_step", 0),
+        p.get("offload_group_size", 0),
+        not p.get("offload_per_param", True),
+        label(cell),
+    )
+
+
 def markdown(cells: list[dict], command: str) -> str:
-    timed = [c for c in cells if c.get("results")]
+    timed = sorted((c for c in cells if c.get("results")), key=_row_order)
     bandwidth = next((c["h2d_GBps"] for c in cells if c["method"] == "bandwidth"), None)
+    per_run = sorted({c["run_h2d_GBps"] for c in timed if c.get("run_h2d_GBps")})
+    if per_run:
+        measured = f"{per_run[0]:.1f}-{per_run[-1]:.1f} GB/s, per run (column GB/s)"
+    else:
+        measured = f"{bandwidth:.1f} GB/s" if bandwidth else "n/a"
     first = timed[0] if timed else {}
     tokens = first.get("tokens", [])
     lines = [
         f"Device: {first.get('device_name')}, torch {first.get('torch')}, "
         f"{first.get('layers')} layers of hidden {first.get('shape', {}).get('hidden')}. "
-        f"Measured H2D bandwidth: {f'{bandwidth:.1f} GB/s' if bandwidth else 'n/a'}.",
+        f"Measured H2D bandwidth: {measured}.",
         f"Command: `{command}`",
         "",
         "Step time in ms (ratio to the bound max(T_compute, copied bytes / bandwidth)):",
         "",
-        "| method | mode | copied MB | " + " | ".join(f"{t} tok" for t in tokens) + " |",
-        "| --- | --- | --- | " + " | ".join("---" for _ in tokens) + " |",
+        "| method | mode | copied MB | GB/s | " + " | ".join(f"{t} tok" for t in tokens) + " |",
+        "| --- | --- | --- | --- | " + " | ".join("---" for _ in tokens) + " |",
     ]
     for cell in timed:
-        row = [label(cell), str(cell.get("mode")), f"{cell['copied_bytes_per_forward'] / 1e6:.0f}"]
+        gbps = cell.get("run_h2d_GBps", bandwidth)
+        row = [
+            label(cell),
+            str(cell.get("mode")),
+            f"{cell['copied_bytes_per_forward'] / 1e6:.0f}",
+            f"{gbps:.1f}" if gbps else "",
+        ]
         for r in cell["results"]:
             ratio = f" ({r['ratio']:.3f})" if r.get("ratio") else ""
             row.append(f"{r['ms']:.2f}{ratio}")
@@ -576,19 +602,17 @@ def write_outputs(cells: list[dict], out: Path, command: str) -> None:
 
 
 def merge(dirs: list[Path]) -> list[dict]:
-    """The cells of several runs as one grid; bounds use the median of their bandwidth cells."""
-    cells = [c for d in dirs for c in json.loads((d / "results.json").read_text())]
-    bandwidths = [c["h2d_GBps"] for c in cells if c["method"] == "bandwidth" and "h2d_GBps" in c]
-    others = [c for c in cells if c["method"] != "bandwidth"]
-    if bandwidths:
-        median = {
-            **cells[0],
-            "method": "bandwidth",
-            "h2d_GBps": statistics.median(bandwidths),
-            "h2d_GBps_runs": bandwidths,
-        }
-        others.insert(0, median)
-    return analyse(others)
+    """The cells of several runs (possibly on different machines of one kind) as one grid;
+    each cell's bound uses the bandwidth measured in its own run."""
+    cells = []
+    for directory in dirs:
+        run = json.loads((directory / "results.json").read_text())
+        gbps = next((c["h2d_GBps"] for c in run if c["method"] == "bandwidth"), None)
+        for cell in run:
+            if cell["method"] == "bandwidth":
+                continue
+            cells.append({**cell, "run": directory.name, "run_h2d_GBps": gbps})
+    return analyse(cells)
 
 
 def main(argv: list[str] | None = None) -> int:

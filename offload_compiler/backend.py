@@ -152,11 +152,13 @@ def plan_slot_reads(
         )
         runtimes.append(runtime)
         for layer, name, placeholder in in_graph:
+            target = plan.next_in_slot(layer)
             reads[placeholder.node.name] = SlotRead(
                 runtime_id=runtime.id,
                 layer=layer.index,
                 param=name,
-                prefetch=plan.next_in_slot(layer).index,
+                prefetch=target.index,
+                prefetch_params=target.params,
                 slot_name=f"offload_slot_r{runtime.id}_s{layer.slot}_{_identifier(name)}",
                 slot=runtime.slot_tensors(layer.index)[name],
             )

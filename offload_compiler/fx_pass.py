@@ -45,6 +45,7 @@ class SlotRead:
     layer: int  # ModuleList index of the offloaded layer
     param: str  # the parameter's name in the layer
     prefetch: int  # layer whose copy starts once this layer's span is over
+    prefetch_params: tuple[str, ...]  # that layer's offloaded parameters
     slot_name: str  # name of the slot placeholder (shared by the layers of one slot)
     slot: torch.Tensor
 
@@ -90,10 +91,12 @@ class OffloadPrefetchPass:
         # before the rewrite, while every layer still has placeholders of its own).
         layer_params: dict[tuple[int, int, str | None], list[fx.Node]] = {}
         prefetch_of: dict[tuple[int, int, str | None], int] = {}
+        next_params: dict[tuple[int, int, str | None], tuple[str, ...]] = {}
         for name, read in self.reads.items():
             key = (read.runtime_id, read.layer, read.param if self.per_param else None)
             layer_params.setdefault(key, []).append(placeholders[name])
             prefetch_of[key] = read.prefetch
+            next_params[key] = read.prefetch_params
         order = {node: i for i, node in enumerate(graph.nodes)}
         spans = []
         for key, params in layer_params.items():
@@ -147,50 +150,36 @@ class OffloadPrefetchPass:
 
         is_anchor = _anchor_test(input_storages)
         span_start = {key: first for _, key, first, _, _ in spans}
+        started_after = _units_started_after(spans, next_params, order)
         top_of_graph = dict(tokens)  # runtime -> node after which graph-top starts go
-        for _, (runtime_id, layer, param), first, last, readers in spans:
+        for _, key, first, last, readers in spans:
+            runtime_id, layer, param = key
             token = tokens[runtime_id]
-            target = prefetch_of[(runtime_id, layer, param)]
-            unit = () if param is None else (param,)  # the op's optional parameter argument
+            target = prefetch_of[key]
             live_in = _live_in(graph, first, last, order, is_anchor)
             live_in = _ensure_readers_follow(graph, first, last, readers, live_in, order)
             with graph.inserting_before(first):
                 wait = graph.call_function(
-                    ops.WAIT_PREFETCH, ([token, *live_in], runtime_id, layer, *unit)
+                    ops.WAIT_PREFETCH,
+                    ([token, *live_in], runtime_id, layer, *_unit_arg(param)),
                 )
             wait.meta["example_value"] = None
             order = {node: i for i, node in enumerate(graph.nodes)}
-            target_first = span_start.get((runtime_id, target, param))
-            if (
-                self.rejoin
-                and target_first is not None
-                and order[target_first] < order[first]
-                and _work(graph, None, target_first) > _work(graph, last, None)
-            ):
-                # A copy for the next forward that would start with less work left in this
-                # graph than comes before its reader in the next one: under CUDA graphs the
-                # join would wait for it at the end, so start it at the top of the next call
-                # instead (its slot's last reader then belongs to the previous call).
-                with graph.inserting_after(top_of_graph[runtime_id]):
-                    start = graph.call_function(
-                        ops.START_PREFETCH, ([token], runtime_id, target, *unit)
-                    )
-                start.meta["example_value"] = None
-                top_of_graph[runtime_id] = start
-                order = {node: i for i, node in enumerate(graph.nodes)}
-                continue
-            live_out = _live_out(graph, readers, last, order, is_anchor)
-            if not live_out:
-                raise UnsupportedGraphError(
-                    f"nothing computed from offloaded layer {layer}'s weights is used after "
-                    "them; there is no activation to order its prefetch after"
+            for started in started_after[key]:
+                order = self._insert_start(
+                    graph,
+                    order,
+                    key,
+                    first,
+                    last,
+                    readers,
+                    target,
+                    started,
+                    span_start,
+                    top_of_graph,
+                    tokens,
+                    is_anchor,
                 )
-            with graph.inserting_after(last):
-                start = graph.call_function(
-                    ops.START_PREFETCH, ([token, *live_out], runtime_id, target, *unit)
-                )
-            start.meta["example_value"] = None
-            order = {node: i for i, node in enumerate(graph.nodes)}
 
         # 5. join_after_forward, with the tokens returned as extra outputs: a mutation whose
         # result nothing reads is dead code after functionalization, so the join needs a user.
@@ -206,6 +195,57 @@ class OffloadPrefetchPass:
         graph.lint()
         new_gm.recompile()
         return Rewrite(new_gm, extra_inputs, len(tokens))
+
+    def _insert_start(
+        self,
+        graph: fx.Graph,
+        order: dict[fx.Node, int],
+        key: tuple[int, int, str | None],
+        first: fx.Node,
+        last: fx.Node,
+        readers: set[fx.Node],
+        target: int,
+        param: str | None,
+        span_start: dict[tuple[int, int, str | None], fx.Node],
+        top_of_graph: dict[int, fx.Node],
+        tokens: dict[int, fx.Node],
+        is_anchor,
+    ) -> dict[fx.Node, int]:
+        """Insert the start of layer ``target``'s copy (of ``param`` alone, or whole when
+        None) after the span ``key`` ending at ``last``; return the new node order."""
+        runtime_id, layer, _ = key
+        token = tokens[runtime_id]
+        unit = _unit_arg(param)
+        target_first = span_start.get((runtime_id, target, param))
+        if (
+            self.rejoin
+            and target_first is not None
+            and order[target_first] < order[first]
+            and _work(graph, None, target_first) > _work(graph, last, None)
+        ):
+            # A copy for the next forward that would start with less work left in this
+            # graph than comes before its reader in the next one: under CUDA graphs the
+            # join would wait for it at the end, so start it at the top of the next call
+            # instead (its slot's last reader then belongs to the previous call).
+            with graph.inserting_after(top_of_graph[runtime_id]):
+                start = graph.call_function(
+                    ops.START_PREFETCH, ([token], runtime_id, target, *unit)
+                )
+            start.meta["example_value"] = None
+            top_of_graph[runtime_id] = start
+            return {node: i for i, node in enumerate(graph.nodes)}
+        live_out = _live_out(graph, readers, last, order, is_anchor)
+        if not live_out:
+            raise UnsupportedGraphError(
+                f"nothing computed from offloaded layer {layer}'s weights is used after "
+                "them; there is no activation to order its prefetch after"
+            )
+        with graph.inserting_after(last):
+            start = graph.call_function(
+                ops.START_PREFETCH, ([token, *live_out], runtime_id, target, *unit)
+            )
+        start.meta["example_value"] = None
+        return {node: i for i, node in enumerate(graph.nodes)}
 
 
 @dataclass(frozen=True)
@@ -448,3 +488,39 @@ def _live_out(graph, readers, last: fx.Node, order, is_anchor) -> list[fx.Node]:
         elif not isinstance(node.meta.get("example_value"), torch.Tensor):
             pending.extend(inp for inp in node.all_input_nodes if inp in derived)
     return sorted(live, key=order.__getitem__)
+
+
+def _unit_arg(param: str | None) -> tuple[str, ...]:
+    """The ops' optional parameter argument: absent for a whole layer."""
+    return () if param is None else (param,)
+
+
+def _units_started_after(
+    spans: list,
+    next_params: dict[tuple[int, int, str | None], tuple[str, ...]],
+    order: dict[fx.Node, int],
+) -> dict[tuple[int, int, str | None], list[str | None]]:
+    """Which units of the next layer of its slot each span starts when it ends.
+
+    Per layer: the whole next layer. Per parameter: the same parameter of the next layer, if
+    that layer offloads it; the next layer's parameters that have no span of this layer here
+    (left resident in this layer, being tied or shared, or read in another graph) start after
+    this layer's last span, as a whole layer would.
+    """
+    if all(key[2] is None for _, key, *_ in spans):
+        return {key: [None] for _, key, *_ in spans}
+    own: dict[tuple[int, int], set[str | None]] = {}
+    last_span: dict[tuple[int, int], tuple[tuple[int, int, str | None], fx.Node]] = {}
+    for _, key, _, last, _ in spans:
+        layer = key[:2]
+        own.setdefault(layer, set()).add(key[2])
+        if layer not in last_span or order[last] > order[last_span[layer][1]]:
+            last_span[layer] = (key, last)
+    started: dict[tuple[int, int, str | None], list[str | None]] = {}
+    for _, key, *_ in spans:
+        wanted = set(next_params[key])
+        units: list[str | None] = [key[2]] if key[2] in wanted else []
+        if last_span[key[:2]][0] == key:
+            units += sorted(wanted - own[key[:2]])
+        started[key] = units
+    return started

@@ -7,15 +7,21 @@ from typing import Any
 
 
 def prefetch_options(
-    group: int = 1, num: int = 1, step: int = 1, offload_params: Iterable[str] = (), **top: Any
+    group: int = 1,
+    num: int = 1,
+    step: int = 1,
+    offload_params: Iterable[str] = (),
+    per_param: bool | None = None,
+    **top: Any,
 ) -> dict:
-    """Backend options for prefetch offloading; ``top`` adds top-level keys (mode, ...)."""
-    return {
-        "prefetch": {
-            "offload_group_size": group,
-            "offload_num_in_group": num,
-            "offload_prefetch_step": step,
-            "offload_params": list(offload_params),
-        },
-        **top,
+    """Backend options for prefetch offloading; ``per_param`` sets ``offload_per_param`` (the
+    default applies when None); ``top`` adds top-level keys (mode, ...)."""
+    prefetch = {
+        "offload_group_size": group,
+        "offload_num_in_group": num,
+        "offload_prefetch_step": step,
+        "offload_params": list(offload_params),
     }
+    if per_param is not None:
+        prefetch["offload_per_param"] = per_param
+    return {"prefetch": prefetch, **top}

@@ -144,7 +144,9 @@ def test_a_start_prefetch_before_the_layers_reads_gives_wrong_numbers():
 
     torch.manual_seed(0)
     assert (
-        _first_call_error(MLPStack(layers=4, dim=16), prefetch_options(1, 1, 1), misplace_start)
+        _first_call_error(
+            MLPStack(layers=4, dim=16), prefetch_options(1, 1, 1, per_param=False), misplace_start
+        )
         > 1e-2
     )
 
@@ -165,8 +167,7 @@ def test_a_per_param_start_before_its_parameters_reads_gives_wrong_numbers():
         wait.append(start)
 
     torch.manual_seed(0)
-    options = prefetch_options(1, 1, 1)
-    options["prefetch"]["offload_per_param"] = True
+    options = prefetch_options(1, 1, 1, per_param=True)
     assert _first_call_error(MLPStack(layers=4, dim=16), options, misplace_start) > 1e-2
 
 
@@ -253,11 +254,13 @@ def test_layers_path_overrides_the_longest_list():
 
     torch.manual_seed(0)
     x = torch.randn(2, 4)
-    (default,) = rewrites(TwoLists(), prefetch_options(1, 1, 1), x)
+    (default,) = rewrites(TwoLists(), prefetch_options(1, 1, 1, per_param=False), x)
     assert "decoder.0.weight" in summary(default.gm)  # the longer encoder list is offloaded
     waits = [line for line in summary(default.gm).splitlines() if "wait_prefetch" in line]
     assert len(waits) == 3
-    (chosen,) = rewrites(TwoLists(), {**prefetch_options(1, 1, 1), "layers_path": "decoder"}, x)
+    (chosen,) = rewrites(
+        TwoLists(), {**prefetch_options(1, 1, 1, per_param=False), "layers_path": "decoder"}, x
+    )
     chosen_summary = summary(chosen.gm)
     assert "encoder.0.weight" in chosen_summary
     assert len([ln for ln in chosen_summary.splitlines() if "wait_prefetch" in ln]) == 2
@@ -334,7 +337,6 @@ def test_reduce_overhead_rewrite_with_graph_top_starts_equals_inductor(step):
 def test_per_param_streaming_equals_inductor_on_every_call(step, mode):
     torch.manual_seed(0)
     model = LlamaShaped(layers=4, dim=32, heads=4, kv_heads=2, hidden=64, vocab=64)
-    options = prefetch_options(1, 1, step, mode=mode)
-    options["prefetch"]["offload_per_param"] = True
+    options = prefetch_options(1, 1, step, mode=mode, per_param=True)
     worst = _compare(model, options, lambda: torch.randint(0, 64, (2, 12)))
     assert max(worst) <= 1e-5, worst

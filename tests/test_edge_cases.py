@@ -49,12 +49,17 @@ def test_weight_tied_outside_its_layer_stays_resident(caplog):
     assert [layer.index for layer in plan.layers] == [0, 2, 3]
 
 
-def test_parameter_shared_by_two_layers_stays_resident(caplog):
+@pytest.mark.parametrize("per_param", [True, False])
+def test_parameter_shared_by_two_layers_stays_resident(per_param, caplog):
+    """Layers 0 and 3 then offload only their bias: per parameter, layer 0 has no weight
+    span to start layer 2's weight after, and layer 1's weight has no counterpart in layer 3
+    (this raised a KeyError in the copy before per-parameter starts followed the plan)."""
     torch.manual_seed(0)
     model = MLPStack(layers=4, dim=16)
     model.blocks[3].fc.weight = model.blocks[0].fc.weight
+    options = prefetch_options(step=2, per_param=per_param)
     with caplog.at_level(logging.WARNING, logger="offload_compiler"):
-        _equal_over_calls(model, prefetch_options(step=2), lambda: torch.randn(3, 16))
+        _equal_over_calls(model, options, lambda: torch.randn(3, 16))
     plan = runtime_module._BY_LAYER_LIST[model.blocks].plan
     assert plan.layer_at(0).params == ("fc.bias",)
     assert plan.layer_at(3).params == ("fc.bias",)

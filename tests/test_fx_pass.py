@@ -20,7 +20,7 @@ def _mlp(layers: int = 4, **kw) -> tuple[MLPStack, torch.Tensor]:
 class TestGraphStructure(expecttest.TestCase):
     def test_prefetch_step_1_one_slot_shared_by_every_layer(self):
         model, x = _mlp(layers=3)
-        (rewrite,) = rewrites(model, prefetch_options(1, 1, 1), x)
+        (rewrite,) = rewrites(model, prefetch_options(1, 1, 1, per_param=False), x)
         self.assertExpectedInline(
             summary(rewrite.gm),
             """\
@@ -50,7 +50,7 @@ return [x_3, empty]""",
 
     def test_prefetch_step_2_alternates_two_slots(self):
         model, x = _mlp(layers=4)
-        (rewrite,) = rewrites(model, prefetch_options(1, 1, 2), x)
+        (rewrite,) = rewrites(model, prefetch_options(1, 1, 2, per_param=False), x)
         self.assertExpectedInline(
             summary(rewrite.gm),
             """\
@@ -89,7 +89,7 @@ return [x_4, empty]""",
         # 4 offloaded layers, 3 slots: layer 3 shares slot 0 with layer 0. Layers 1 and 2 are
         # the last users of their slots, so they prefetch layers 1 and 2 of the next forward.
         model, x = _mlp(layers=4)
-        (rewrite,) = rewrites(model, prefetch_options(1, 1, 3), x)
+        (rewrite,) = rewrites(model, prefetch_options(1, 1, 3, per_param=False), x)
         self.assertExpectedInline(
             summary(rewrite.gm),
             """\
@@ -128,7 +128,7 @@ return [x_4, empty]""",
 
     def test_group_pattern_offloads_last_of_each_group(self):
         model, x = _mlp(layers=4)
-        (rewrite,) = rewrites(model, prefetch_options(2, 1, 1), x)
+        (rewrite,) = rewrites(model, prefetch_options(2, 1, 1, per_param=False), x)
         self.assertExpectedInline(
             summary(rewrite.gm),
             """\
@@ -159,7 +159,9 @@ return [x_4, empty]""",
 
     def test_offload_params_selects_only_matching_parameters(self):
         model, x = _mlp(layers=2)
-        (rewrite,) = rewrites(model, prefetch_options(1, 1, 1, offload_params=["fc.weight"]), x)
+        (rewrite,) = rewrites(
+            model, prefetch_options(1, 1, 1, offload_params=["fc.weight"], per_param=False), x
+        )
         self.assertExpectedInline(
             summary(rewrite.gm),
             """\
@@ -183,7 +185,7 @@ return [x_2, empty]""",
 
     def test_graph_break_between_layers_keeps_global_layer_numbers(self):
         model, x = _mlp(layers=4, graph_break_after=1)
-        first, second = rewrites(model, prefetch_options(1, 1, 2), x)
+        first, second = rewrites(model, prefetch_options(1, 1, 2, per_param=False), x)
         self.assertExpectedInline(
             summary(first.gm),
             """\
@@ -235,7 +237,7 @@ return [x_1, empty]""",
         # Layer 3 is the last user of slot 1; copying layer 1 in after it would leave nothing
         # to overlap before the join. Under CUDA graphs it starts at the top of the next call.
         model, x = _mlp(layers=4)
-        (rewrite,) = rewrites(model, prefetch_options(1, 1, 2), x, rejoin=True)
+        (rewrite,) = rewrites(model, prefetch_options(1, 1, 2, per_param=False), x, rejoin=True)
         self.assertExpectedInline(
             summary(rewrite.gm),
             """\
@@ -275,8 +277,7 @@ return [x_4, empty]""",
         # while layer 0 still computes with the rest of its weights.
         torch.manual_seed(0)
         model = LlamaShaped(layers=2, dim=16, heads=2, kv_heads=1, hidden=32, vocab=32)
-        options = prefetch_options(1, 1, 1)
-        options["prefetch"]["offload_per_param"] = True
+        options = prefetch_options(1, 1, 1, per_param=True)
         (rewrite,) = rewrites(model, options, torch.randint(0, 32, (1, 4)))
         ops = [
             line
@@ -346,7 +347,9 @@ join_after_forward(rejoin=False, anchors=[empty])""",
     def test_llama_layer_wait_anchors_live_activations_and_start_anchors_layer_outputs(self):
         torch.manual_seed(0)
         model = LlamaShaped(layers=2, dim=16, heads=2, kv_heads=1, hidden=32, vocab=32)
-        (rewrite,) = rewrites(model, prefetch_options(2, 1, 1), torch.randint(0, 32, (1, 4)))
+        (rewrite,) = rewrites(
+            model, prefetch_options(2, 1, 1, per_param=False), torch.randint(0, 32, (1, 4))
+        )
         ops = [
             line
             for line in summary(rewrite.gm).splitlines()
@@ -381,7 +384,7 @@ join_after_forward(rejoin=False, anchors=[empty])""",
 
 def test_slots_are_appended_as_static_inputs():
     model, x = _mlp(layers=4)
-    (rewrite,) = rewrites(model, prefetch_options(1, 1, 2), x)
+    (rewrite,) = rewrites(model, prefetch_options(1, 1, 2, per_param=False), x)
     placeholders = rewrite.gm.graph.find_nodes(op="placeholder")
     slots = placeholders[-len(rewrite.slots) :]
     assert len(rewrite.slots) == 4  # fc.weight and fc.bias, two slots
@@ -394,7 +397,7 @@ def test_slots_are_appended_as_static_inputs():
 
 def test_offloaded_parameter_placeholders_are_left_unused():
     model, x = _mlp(layers=2)
-    (rewrite,) = rewrites(model, prefetch_options(1, 1, 1), x)
+    (rewrite,) = rewrites(model, prefetch_options(1, 1, 1, per_param=False), x)
     for node in rewrite.gm.graph.find_nodes(op="placeholder"):
         if "blocks" in node.name:
             assert not node.users, node.name
@@ -411,7 +414,7 @@ class ReturnsWeight(torch.nn.Module):
 
 def test_returning_an_offloaded_weight_is_refused():
     with pytest.raises(BackendCompilerFailed, match="returns a parameter of offloaded layer 1"):
-        rewrites(ReturnsWeight(), prefetch_options(1, 1, 1), torch.randn(2, 4))
+        rewrites(ReturnsWeight(), prefetch_options(1, 1, 1, per_param=False), torch.randn(2, 4))
 
 
 class WeightOnly(torch.nn.Module):
@@ -429,7 +432,9 @@ class WeightOnly(torch.nn.Module):
 
 
 def test_weight_only_computation_is_ordered_after_the_wait():
-    (rewrite,) = rewrites(WeightOnly(), prefetch_options(1, 1, 1), torch.randn(2, 4))
+    (rewrite,) = rewrites(
+        WeightOnly(), prefetch_options(1, 1, 1, per_param=False), torch.randn(2, 4)
+    )
     lines = summary(rewrite.gm).splitlines()
     wait = next(i for i, line in enumerate(lines) if line.startswith("wait_prefetch(layer=0"))
     first_read = next(i for i, line in enumerate(lines) if "slot_s0_weight)" in line)

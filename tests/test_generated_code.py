@@ -45,7 +45,7 @@ def _generated(model, layers, options, x):
 def test_mlp_slots_are_not_read_while_being_refilled(step, mode):
     torch.manual_seed(0)
     model = MLPStack(layers=4, dim=16)
-    options = {**prefetch_options(1, 1, step), "mode": mode}
+    options = {**prefetch_options(1, 1, step, per_param=False), "mode": mode}
     code, slot_args, slot_of_layer = _generated(model, model.blocks, options, torch.randn(2, 16))
     assert code.count("torch.ops.offload.start_prefetch") == 4
     assert code.count("torch.ops.offload.wait_prefetch") == 4
@@ -57,7 +57,10 @@ def test_llama_slots_are_not_read_while_being_refilled():
     torch.manual_seed(0)
     model = LlamaShaped(layers=4, dim=32, heads=4, kv_heads=2, hidden=64, vocab=64)
     code, slot_args, slot_of_layer = _generated(
-        model, model.layers, prefetch_options(1, 1, 1), torch.randint(0, 64, (1, 8))
+        model,
+        model.layers,
+        prefetch_options(1, 1, 1, per_param=False),
+        torch.randint(0, 64, (1, 8)),
     )
     assert unfenced_slot_reads(code, slot_args, slot_of_layer) == ([], 8)
     # the ops come in layer order: wait(0) start(1) wait(1) start(2) ... start(0) join
@@ -91,8 +94,7 @@ def test_the_check_catches_a_read_after_the_refill_starts():
 def test_per_param_refills_leave_the_other_parameters_readable_but_never_their_own():
     torch.manual_seed(0)
     model = LlamaShaped(layers=4, dim=32, heads=4, kv_heads=2, hidden=64, vocab=64)
-    options = prefetch_options(1, 1, 1)
-    options["prefetch"]["offload_per_param"] = True
+    options = prefetch_options(1, 1, 1, per_param=True)
     code, slot_args, slot_of_layer = _generated(
         model, model.layers, options, torch.randint(0, 64, (1, 8))
     )

@@ -513,8 +513,7 @@ def test_per_param_streaming_equals_inductor_with_poisoned_slots(mode):
     torch.manual_seed(0)
     model = LlamaShaped(layers=8, dim=256, heads=8, kv_heads=4, hidden=512, vocab=VOCAB).cuda()
     reference = torch.compile(clone_model(model), mode=mode)
-    options = prefetch_options(1, 1, 1, mode=mode, poison_slots=True)
-    options["prefetch"]["offload_per_param"] = True
+    options = prefetch_options(1, 1, 1, mode=mode, poison_slots=True, per_param=True)
     offloaded = torch.compile(model, backend="offload", options=options)
     with torch.no_grad():
         for _ in range(25):
