@@ -165,21 +165,40 @@ class OffloadPrefetchPass:
                 )
             wait.meta["example_value"] = None
             order = {node: i for i, node in enumerate(graph.nodes)}
-            for started in started_after[key]:
-                order = self._insert_start(
-                    graph,
-                    order,
-                    key,
-                    first,
-                    last,
-                    readers,
-                    target,
-                    started,
-                    span_start,
-                    top_of_graph,
-                    tokens,
-                    is_anchor,
-                )
+            for started in started_after[key]:  # units of layer `target` to copy now
+                unit = _unit_arg(started)
+                target_first = span_start.get((runtime_id, target, started))
+                if (
+                    self.rejoin
+                    and target_first is not None
+                    and order[target_first] < order[first]
+                    and _work(graph, None, target_first) > _work(graph, last, None)
+                ):
+                    # A copy for the next forward that would start with less work left in
+                    # this graph than comes before its reader in the next one: under CUDA
+                    # graphs the join would wait for it at the end, so start it at the top of
+                    # the next call instead (its slot's last reader then belongs to the
+                    # previous call).
+                    with graph.inserting_after(top_of_graph[runtime_id]):
+                        start = graph.call_function(
+                            ops.START_PREFETCH, ([token], runtime_id, target, *unit)
+                        )
+                    start.meta["example_value"] = None
+                    top_of_graph[runtime_id] = start
+                    order = {node: i for i, node in enumerate(graph.nodes)}
+                    continue
+                live_out = _live_out(graph, readers, last, order, is_anchor)
+                if not live_out:
+                    raise UnsupportedGraphError(
+                        f"nothing computed from offloaded layer {layer}'s weights is used "
+                        "after them; there is no activation to order its prefetch after"
+                    )
+                with graph.inserting_after(last):
+                    start = graph.call_function(
+                        ops.START_PREFETCH, ([token, *live_out], runtime_id, target, *unit)
+                    )
+                start.meta["example_value"] = None
+                order = {node: i for i, node in enumerate(graph.nodes)}
 
         # 5. join_after_forward, with the tokens returned as extra outputs: a mutation whose
         # result nothing reads is dead code after functionalization, so the join needs a user.
@@ -195,57 +214,6 @@ class OffloadPrefetchPass:
         graph.lint()
         new_gm.recompile()
         return Rewrite(new_gm, extra_inputs, len(tokens))
-
-    def _insert_start(
-        self,
-        graph: fx.Graph,
-        order: dict[fx.Node, int],
-        key: tuple[int, int, str | None],
-        first: fx.Node,
-        last: fx.Node,
-        readers: set[fx.Node],
-        target: int,
-        param: str | None,
-        span_start: dict[tuple[int, int, str | None], fx.Node],
-        top_of_graph: dict[int, fx.Node],
-        tokens: dict[int, fx.Node],
-        is_anchor,
-    ) -> dict[fx.Node, int]:
-        """Insert the start of layer ``target``'s copy (of ``param`` alone, or whole when
-        None) after the span ``key`` ending at ``last``; return the new node order."""
-        runtime_id, layer, _ = key
-        token = tokens[runtime_id]
-        unit = _unit_arg(param)
-        target_first = span_start.get((runtime_id, target, param))
-        if (
-            self.rejoin
-            and target_first is not None
-            and order[target_first] < order[first]
-            and _work(graph, None, target_first) > _work(graph, last, None)
-        ):
-            # A copy for the next forward that would start with less work left in this
-            # graph than comes before its reader in the next one: under CUDA graphs the
-            # join would wait for it at the end, so start it at the top of the next call
-            # instead (its slot's last reader then belongs to the previous call).
-            with graph.inserting_after(top_of_graph[runtime_id]):
-                start = graph.call_function(
-                    ops.START_PREFETCH, ([token], runtime_id, target, *unit)
-                )
-            start.meta["example_value"] = None
-            top_of_graph[runtime_id] = start
-            return {node: i for i, node in enumerate(graph.nodes)}
-        live_out = _live_out(graph, readers, last, order, is_anchor)
-        if not live_out:
-            raise UnsupportedGraphError(
-                f"nothing computed from offloaded layer {layer}'s weights is used after "
-                "them; there is no activation to order its prefetch after"
-            )
-        with graph.inserting_after(last):
-            start = graph.call_function(
-                ops.START_PREFETCH, ([token, *live_out], runtime_id, target, *unit)
-            )
-        start.meta["example_value"] = None
-        return {node: i for i, node in enumerate(graph.nodes)}
 
 
 @dataclass(frozen=True)
