@@ -507,6 +507,7 @@ class _Worker:
         for line in self.proc.stdout:
             events.put((self, line.rstrip("\n")))
         self.proc.wait()
+        self.log.close()
         events.put((self, None))
 
     def go(self) -> None:
