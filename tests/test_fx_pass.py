@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch._dynamo.exc import BackendCompilerFailed
 
+from offload_compiler import ops
 from tests.common import prefetch_options
 from tests.graphs import rewrites, summary
 from tests.models import LlamaShaped, MLPStack
@@ -270,6 +271,28 @@ relu_3 = relu(linear_4)
 x_4 = add(relu_3, x_3)
 join_after_forward(rejoin=True, anchors=[empty])
 return [x_4, empty]""",
+        )
+
+    def test_under_cuda_graphs_a_long_tail_keeps_the_next_calls_copies_at_the_end(self):
+        # Per parameter, layer 0's copies for the next call start after layer 2's reads, or at
+        # the top of the next call when less work is left after them than comes before their
+        # reader. The work is estimated in time, not counted in nodes: with a large head the
+        # single lm_head node outlasts layer 0, so every copy overlaps it (a count of nodes
+        # started five of them at the top and left the copy engine idle through the head).
+        def graph_top_starts(vocab: int) -> list[tuple]:
+            torch.manual_seed(0)
+            model = LlamaShaped(layers=3, dim=32, heads=4, kv_heads=2, hidden=64, vocab=vocab)
+            ids = torch.randint(0, vocab, (1, 8))
+            options = prefetch_options(1, 1, 1, per_param=True)
+            (rewrite,) = rewrites(model, options, ids, rejoin=True)
+            nodes = list(rewrite.gm.graph.nodes)
+            first_wait = next(i for i, n in enumerate(nodes) if n.target is ops.WAIT_PREFETCH)
+            return [n.args[2:] for n in nodes[:first_wait] if n.target is ops.START_PREFETCH]
+
+        self.assertEqual(graph_top_starts(vocab=4096), [])
+        self.assertExpectedInline(
+            str(graph_top_starts(vocab=64)),
+            """[(0, 'up_proj.weight'), (0, 'down_proj.weight')]""",
         )
 
     def test_per_param_streaming_waits_and_starts_each_parameter_on_its_own(self):

@@ -1,0 +1,143 @@
+"""Where an offloaded step loses time: the copy engine and the compute stream, call by call.
+
+    python -m benchmarks.profile_offload --out DIR --layers 8 --tokens 2048 \
+        --config 1/1/1:pp --modes default,reduce-overhead
+
+For each mode it builds the benchmark's Llama-shaped model, offloads and compiles it exactly as
+`benchmarks.offload_bench` does, times it (median of back-to-back calls), then records
+``--calls`` calls under the PyTorch profiler (CUDA activities: kernels and memcpys, also those
+replayed from a CUDA graph) and writes ``<mode>.json`` with:
+
+- ``copy_busy_ms``: time the host-to-device copies were running, per call;
+- ``copy_idle``: the gaps between consecutive copies, largest first, each with the compute
+  kernels that ran inside it (what the next copy was waiting for);
+- ``compute_busy_ms`` and the largest gaps on the compute streams (what compute waited for);
+- the effective bandwidth of the copies (bytes / time each copy ran).
+
+and a Chrome trace ``<mode>.trace.json.gz`` to look at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import itertools
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from benchmarks.offload_bench import LLAMA_8B, GpuLock, _configs, prepare, time_calls
+
+
+def _spans(events) -> list[tuple[float, float, str, int]]:
+    return sorted((e.time_range.start, e.time_range.end, e.name, e.device_index) for e in events)
+
+
+def summarise(prof, calls: int, top: int = 12) -> dict:
+    """Copy and compute activity of the profiled calls (times in ms)."""
+    cuda = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    copies = _spans(e for e in cuda if "memcpy" in e.name.lower() and "htod" in e.name.lower())
+    kernels = _spans(
+        e for e in cuda if "memcpy" not in e.name.lower() and "memset" not in e.name.lower()
+    )
+    gaps = []
+    for (_, end, _, _), (start, _, _, _) in itertools.pairwise(copies):
+        if start - end > 5:  # µs
+            inside = [k for k in kernels if k[0] < start and k[1] > end]
+            gaps.append(
+                {
+                    "ms": (start - end) / 1e3,
+                    "at_ms": (end - copies[0][0]) / 1e3,
+                    "kernels": [k[2][:80] for k in inside[:6]],
+                }
+            )
+    gaps.sort(key=lambda g: -g["ms"])
+    compute_gaps = []
+    for (_, end, name, _), (start, _, nxt, _) in itertools.pairwise(kernels):
+        if start - end > 20:
+            compute_gaps.append({"ms": (start - end) / 1e3, "after": name[:80], "before": nxt[:80]})
+    compute_gaps.sort(key=lambda g: -g["ms"])
+    copy_busy = sum(e - s for s, e, _, _ in copies) / 1e3
+    return {
+        "copy_count_per_call": len(copies) / calls,
+        "copy_names": sorted({c[2] for c in copies}),
+        "copy_busy_ms_per_call": copy_busy / calls,
+        "copy_idle_ms_per_call": sum(g["ms"] for g in gaps) / calls,
+        "copy_idle_largest": gaps[:top],
+        "kernel_count_per_call": len(kernels) / calls,
+        "compute_busy_ms_per_call": sum(e - s for s, e, _, _ in kernels) / 1e3 / calls,
+        "compute_idle_largest": compute_gaps[:top],
+        "window_ms_per_call": (
+            max(e for _, e, _, _ in copies + kernels) - min(s for s, _, _, _ in copies + kernels)
+        )
+        / 1e3
+        / calls,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--config", type=_configs, default=_configs("1/1/1:pp"))
+    parser.add_argument(
+        "--modes", type=lambda s: s.split(","), default=["default", "reduce-overhead"]
+    )
+    parser.add_argument("--calls", type=int, default=3)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    lock = GpuLock(Path(tempfile.mkstemp()[1]))
+    for mode in args.modes:
+        spec = {
+            "method": "offload",
+            "mode": mode,
+            "prefetch": args.config[0],
+            "shape": LLAMA_8B,
+            "layers": args.layers,
+            "tokens": [args.tokens],
+            "device": str(device),
+        }
+        call, moved = prepare(spec, device, torch.bfloat16, lock)
+        ids = torch.randint(0, LLAMA_8B["vocab"], (1, args.tokens), device=device)
+        with torch.no_grad():
+            for _ in range(3):
+                call(ids)
+            times = time_calls(call, ids, True, 5, 0.5)
+            torch.cuda.synchronize(device)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(args.calls):
+                    call(ids)
+                torch.cuda.synchronize(device)
+        summary = {
+            "mode": mode,
+            "config": args.config[0],
+            "layers": args.layers,
+            "tokens": args.tokens,
+            "ms": statistics.median(times),
+            "ms_runs": times,
+            "copied_bytes_per_call": moved,
+            **summarise(prof, args.calls),
+        }
+        summary["copy_GBps_while_running"] = moved / (summary["copy_busy_ms_per_call"] * 1e6)
+        (args.out / f"{mode}.json").write_text(json.dumps(summary, indent=1))
+        trace = args.out / f"{mode}.trace.json"
+        prof.export_chrome_trace(str(trace))
+        with trace.open("rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
+            packed.write(raw.read())
+        trace.unlink()
+        print(json.dumps({k: v for k, v in summary.items() if "largest" not in k}), flush=True)
+        del call
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
