@@ -19,6 +19,7 @@ compiled without offloading in the same mode, and the bandwidth is measured in t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import math
@@ -45,7 +46,60 @@ SMOKE = {"hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 2, "vocab": 
 
 
 def build_model(spec: dict, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """transformers' LlamaForCausalLM with random weights, else the package's LlamaShaped."""
+    """transformers' LlamaForCausalLM with random weights, else the package's LlamaShaped.
+
+    On the CPU the parameters are created on the meta device and then filled from one random
+    block: initialising 8B parameters one by one takes minutes on a few cores, and a model too
+    big for the GPU (the capped cell) has to be built there.
+    """
+    if device.type != "cpu":
+        return _build(spec, device, dtype)
+    with _parameters_on_meta():
+        model = _build(spec, torch.device("cpu"), dtype)
+    _fill_random(model, dtype)
+    return model
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Parameters registered inside go to the meta device (no memory, initialisers do
+    nothing); buffers, such as rotary frequencies, stay real."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def _fill_random(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Real CPU parameters for the meta ones: norm weights 1, matrices copies of one block of
+    N(0, 0.02) values (tied parameters stay tied)."""
+    block = torch.randn(2**24, generator=torch.Generator().manual_seed(0)).mul_(0.02).to(dtype)
+    made: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None or not param.is_meta:
+                continue
+            if id(param) not in made:
+                value = torch.empty(param.shape, dtype=param.dtype)
+                if value.dim() == 1:
+                    value.fill_(1.0)
+                else:
+                    flat = value.view(-1)
+                    for begin in range(0, flat.numel(), block.numel()):
+                        flat[begin : begin + block.numel()] = block[: flat.numel() - begin]
+                made[id(param)] = torch.nn.Parameter(value, requires_grad=param.requires_grad)
+            module._parameters[name] = made[id(param)]
+
+
+def _build(spec: dict, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     shape, layers = spec["shape"], spec["layers"]
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
@@ -202,35 +256,43 @@ class GpuLock:
         callback_handler.register_end_callback(self.acquire)
 
 
-def time_calls(call, ids: torch.Tensor, cuda: bool, runs: int, min_run_s: float) -> list[float]:
-    """ms per call of ``runs`` runs of back-to-back calls, each run at least ``min_run_s`` long
-    (and at least 3 calls), between two device-wide syncs: a sync per call, or an end event on
-    the compute stream alone, would leave the copies started for the next call outside the
-    timed window."""
+def time_calls(
+    calls: dict[str, object], ids: torch.Tensor, cuda: bool, runs: int, min_run_s: float
+) -> dict[str, list[float]]:
+    """ms per call of each callable in ``calls``: ``runs`` runs of back-to-back calls each, the
+    callables taking turns run by run (so a drift of the machine, such as its H2D bandwidth,
+    reaches all alike), each run at least ``min_run_s`` long (and at least 3 calls), between
+    two device-wide syncs: a sync per call, or an end event on the compute stream alone, would
+    leave the copies started for the next call outside the timed window."""
 
     def sync() -> None:
         if cuda:
             torch.cuda.synchronize()
 
-    sync()
-    begin = time.perf_counter()
-    call(ids)
-    sync()
-    calls = max(3, math.ceil(min_run_s / max(time.perf_counter() - begin, 1e-6)))
-    times = []
-    for _ in range(runs):
+    def run(call, count: int) -> float:
         sync()
         begin = time.perf_counter()
-        for _ in range(calls):
+        for _ in range(count):
             call(ids)
         sync()
-        times.append((time.perf_counter() - begin) * 1e3 / calls)
+        return (time.perf_counter() - begin) * 1e3 / count
+
+    counts = {name: max(3, math.ceil(min_run_s * 1e3 / run(c, 1))) for name, c in calls.items()}
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(runs):
+        for name, call in calls.items():
+            times[name].append(run(call, counts[name]))
     return times
 
 
-def run_cell(spec: dict, lock: GpuLock, go=None) -> dict:
+def run_cell(spec: dict, lock: GpuLock, go=None) -> list[dict]:
     """Prepare the cell (holding ``lock`` except while compiling), warm up every token count,
-    then wait for ``go()`` (the parent's turn to measure) and time it holding ``lock``."""
+    then wait for ``go()`` (the parent's turn to measure) and time it holding ``lock``.
+
+    A cell with ``modes`` (more than one) builds one model per mode in this process and times
+    them in turns: its results compare the modes free of drift between processes. It returns
+    one result per mode; their memory is not reported (the models share the GPU).
+    """
     device = torch.device(spec["device"])
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -243,17 +305,21 @@ def run_cell(spec: dict, lock: GpuLock, go=None) -> dict:
     if spec.get("memory_fraction"):
         torch.cuda.set_per_process_memory_fraction(spec["memory_fraction"], device.index or 0)
     setup = time.perf_counter()
+    modes = spec.get("modes") or [spec.get("mode", "default")]
+    prepared: dict[str, tuple] = {}
     inputs = {}
     if spec["method"] != "bandwidth":
-        call, moved = prepare(spec, device, dtype, lock)
-        resident = torch.cuda.memory_allocated(device) if cuda else 0
-        with torch.no_grad():
-            for tokens in spec["tokens"]:  # compiles (and CUDA graph recordings) for each
-                inputs[tokens] = torch.randint(
-                    0, spec["shape"]["vocab"], (1, tokens), device=device
-                )
-                for _ in range(3):
-                    call(inputs[tokens])
+        for tokens in spec["tokens"]:
+            inputs[tokens] = torch.randint(0, spec["shape"]["vocab"], (1, tokens), device=device)
+        for mode in modes:
+            before = torch.cuda.memory_allocated(device) if cuda else 0
+            call, moved = prepare({**spec, "mode": mode}, device, dtype, lock)
+            resident = torch.cuda.memory_allocated(device) - before if cuda else 0
+            with torch.no_grad():
+                for ids in inputs.values():  # compiles (and CUDA graph recordings) for each
+                    for _ in range(3):
+                        call(ids)
+            prepared[mode] = (call, moved, resident)
         if cuda:
             torch.cuda.synchronize()
     setup_s = time.perf_counter() - setup
@@ -264,33 +330,46 @@ def run_cell(spec: dict, lock: GpuLock, go=None) -> dict:
         os.sched_setaffinity(0, cores[:2])
     lock.acquire()
     if spec["method"] == "bandwidth":
-        return {**spec, "h2d_GBps": h2d_gbps(device, 512 * 2**20)}
-    results = []
+        return [{**spec, "h2d_GBps": h2d_gbps(device, 512 * 2**20)}]
+    gbps_before = h2d_gbps(device, 512 * 2**20) if cuda else None
+    results: dict[str, list[dict]] = {mode: [] for mode in modes}
     with torch.no_grad():
         for tokens, ids in inputs.items():
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
-            times = time_calls(call, ids, cuda, spec.get("runs", 5), spec.get("min_run_s", 0.5))
-            ms = statistics.median(times)
-            results.append(
-                {
-                    "tokens": tokens,
-                    "ms": ms,
-                    "ms_runs": times,
-                    "peak_bytes": torch.cuda.max_memory_allocated(device) if cuda else 0,
-                    "achieved_GBps": moved / (ms * 1e6) if moved else 0.0,
-                }
-            )
+            calls = {mode: prepared[mode][0] for mode in modes}
+            times = time_calls(calls, ids, cuda, spec.get("runs", 5), spec.get("min_run_s", 0.5))
+            peak = None  # the models of a paired cell share the GPU
+            if len(modes) == 1:
+                peak = torch.cuda.max_memory_allocated(device) if cuda else 0
+            for mode in modes:
+                ms, moved = statistics.median(times[mode]), prepared[mode][1]
+                results[mode].append(
+                    {
+                        "tokens": tokens,
+                        "ms": ms,
+                        "ms_runs": times[mode],
+                        "peak_bytes": peak,
+                        "achieved_GBps": moved / (ms * 1e6) if moved else 0.0,
+                    }
+                )
+    gbps_after = h2d_gbps(device, 512 * 2**20) if cuda else None
     lock.release()
-    return {
-        **spec,
-        "copied_bytes_per_forward": moved,
-        "resident_bytes_after_setup": resident,
-        "setup_s": setup_s,
-        "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
-        "torch": torch.__version__,
-        "results": results,
-    }
+    return [
+        {
+            **spec,
+            "mode": mode,
+            "paired": len(modes) > 1,
+            "copied_bytes_per_forward": prepared[mode][1],
+            "resident_bytes_after_setup": prepared[mode][2] if len(modes) == 1 else None,
+            "cell_h2d_GBps": (gbps_before + gbps_after) / 2 if cuda else None,
+            "setup_s": setup_s,
+            "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
+            "torch": torch.__version__,
+            "results": results[mode],
+        }
+        for mode in modes
+    ]
 
 
 # --- the grid, in the parent ------------------------------------------------------------------
@@ -309,12 +388,16 @@ def grid(args: argparse.Namespace) -> list[dict]:
         "transformers": not args.smoke,
     }
     cells: list[dict] = [] if args.smoke else [{**base, "method": "bandwidth"}]
+    if args.paired:  # one cell per configuration, its modes timed in turns in one process
+        for method, configs in (("offload", args.configs), ("hook", args.hook_configs)):
+            for prefetch in configs:
+                cells.append({**base, "method": method, "modes": args.modes, "prefetch": prefetch})
     for mode in args.modes:
         if not args.no_resident:
             cells.append({**base, "method": "resident", "mode": mode})
-        for prefetch in args.configs:
+        for prefetch in [] if args.paired else args.configs:
             cells.append({**base, "method": "offload", "mode": mode, "prefetch": prefetch})
-        for prefetch in args.hook_configs:
+        for prefetch in [] if args.paired else args.hook_configs:
             cells.append({**base, "method": "hook", "mode": mode, "prefetch": prefetch})
         for uva in args.uva:
             cells.append(
@@ -355,7 +438,7 @@ def label(cell: dict) -> str:
         )
         if cell["method"] == "offload" and "offload_per_param" in p:
             text += " per-param" if p["offload_per_param"] else " per-layer"
-        return text
+        return text + (" paired" if cell.get("paired") else "")
     if cell["method"] == "uva":
         return f"uva {'in-place' if cell['uva']['use_unified_addressing'] else 'copies'}"
     if cell["method"] == "accelerate":
@@ -377,7 +460,7 @@ def analyse(cells: list[dict]) -> list[dict]:
     }
     for cell in cells:
         mode = cell.get("mode")
-        gbps = cell.get("run_h2d_GBps", bandwidth)
+        gbps = cell.get("cell_h2d_GBps") or cell.get("run_h2d_GBps", bandwidth)
         for r in cell.get("results", []):
             t_compute = compute.get((mode, r["tokens"]), compute.get(("default", r["tokens"])))
             copied = cell["copied_bytes_per_forward"] if cell["method"] != "uva" else 0
@@ -406,9 +489,12 @@ def _row_order(cell: dict) -> tuple:
 def markdown(cells: list[dict], command: str) -> str:
     timed = sorted((c for c in cells if c.get("results")), key=_row_order)
     bandwidth = next((c["h2d_GBps"] for c in cells if c["method"] == "bandwidth"), None)
-    per_run = sorted({c["run_h2d_GBps"] for c in timed if c.get("run_h2d_GBps")})
-    if per_run:
-        measured = f"{per_run[0]:.1f}-{per_run[-1]:.1f} GB/s, per run (column GB/s)"
+    per_cell = sorted(
+        {c.get("cell_h2d_GBps") or c["run_h2d_GBps"] for c in timed if c.get("run_h2d_GBps")}
+        | {c["cell_h2d_GBps"] for c in timed if c.get("cell_h2d_GBps")}
+    )
+    if per_cell:
+        measured = f"{per_cell[0]:.1f}-{per_cell[-1]:.1f} GB/s, per cell (column GB/s)"
     else:
         measured = f"{bandwidth:.1f} GB/s" if bandwidth else "n/a"
     first = timed[0] if timed else {}
@@ -425,7 +511,7 @@ def markdown(cells: list[dict], command: str) -> str:
         "| --- | --- | --- | --- | " + " | ".join("---" for _ in tokens) + " |",
     ]
     for cell in timed:
-        gbps = cell.get("run_h2d_GBps", bandwidth)
+        gbps = cell.get("cell_h2d_GBps") or cell.get("run_h2d_GBps", bandwidth)
         row = [
             label(cell),
             str(cell.get("mode")),
@@ -436,9 +522,12 @@ def markdown(cells: list[dict], command: str) -> str:
             ratio = f" ({r['ratio']:.3f})" if r.get("ratio") else ""
             row.append(f"{r['ms']:.2f}{ratio}")
         lines.append("| " + " | ".join(row) + " |")
+    lines += _paired_table(timed)
     lines += ["", "Memory (GB): resident after setup; peak at the largest token count", ""]
     lines += ["| method | mode | resident | peak |", "| --- | --- | --- | --- |"]
     for cell in timed:
+        if cell.get("paired"):
+            continue  # the models of a paired cell share the GPU
         lines.append(
             f"| {label(cell)} | {cell.get('mode')} | "
             f"{cell['resident_bytes_after_setup'] / 1e9:.2f} | "
@@ -449,6 +538,36 @@ def markdown(cells: list[dict], command: str) -> str:
         lines += ["", "Cells that failed:", ""]
         lines += [f"- {label(c)} ({c.get('mode')}): {c['error']}" for c in failed]
     return "\n".join(lines) + "\n"
+
+
+def _paired_table(timed: list[dict]) -> list[str]:
+    """Paired cells (modes timed in turns in one process): each mode against the first, as the
+    median over runs of (this mode's run / the first mode's run of the same turn) - 1."""
+    pairs: dict[str, list[dict]] = {}
+    for cell in timed:
+        if cell.get("paired"):
+            key = json.dumps([cell.get("run"), cell["method"], cell.get("prefetch")])
+            pairs.setdefault(key, []).append(cell)
+    if not pairs:
+        return []
+    tokens = next(iter(pairs.values()))[0]["tokens"]
+    lines = [
+        "",
+        "Paired cells, timed in turns in one process: step time of each mode, and how much "
+        "slower than the first mode (median over turns of the per-turn ratio - 1):",
+        "",
+        "| method | modes | " + " | ".join(f"{t} tok" for t in tokens) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in tokens) + " |",
+    ]
+    for cells in pairs.values():
+        base = cells[0]
+        for other in cells[1:]:
+            row = [label(base), f"{other['mode']} vs {base['mode']}"]
+            for b, o in zip(base["results"], other["results"], strict=True):
+                turns = [x / y - 1 for x, y in zip(o["ms_runs"], b["ms_runs"], strict=True)]
+                row.append(f"{o['ms']:.2f} vs {b['ms']:.2f} ({statistics.median(turns):+.1%})")
+            lines.append("| " + " | ".join(row) + " |")
+    return lines
 
 
 def plot(cells: list[dict], path: Path) -> None:
@@ -479,7 +598,7 @@ class _Worker:
     prints its ``CELL`` line."""
 
     def __init__(self, spec: dict, lock: Path, log: Path, events: queue.Queue) -> None:
-        self.spec, self.began, self.result = spec, time.perf_counter(), None
+        self.spec, self.began, self.results = spec, time.perf_counter(), []
         self.log = log.open("w")
         env = {
             **os.environ,
@@ -547,26 +666,27 @@ def run_grid(
         if worker is not None and line == "READY":
             ready.append(worker)
         elif worker is not None and line is not None and line.startswith("CELL "):
-            worker.result = json.loads(line[5:])
+            worker.results.append(json.loads(line[5:]))
         elif worker is not None and line is None:  # the worker exited
-            cell = worker.result or {**worker.spec, "error": _tail(worker.log.name)}
-            done[running.pop(worker)] = cell
+            cells = worker.results or [{**worker.spec, "error": _tail(worker.log.name)}]
+            done[running.pop(worker)] = cells
             if measuring is worker:
                 measuring = None
             if worker in ready:
                 ready.remove(worker)
-            status = cell.get("error") or " ".join(
-                f"{r['tokens']}:{r['ms']:.2f}" for r in cell.get("results", [])
-            )
-            print(
-                f"[{time.perf_counter() - worker.began:5.0f} s] {label(cell)} "
-                f"{cell.get('mode', '')}: {status}",
-                flush=True,
-            )
+            for cell in cells:
+                status = cell.get("error") or " ".join(
+                    f"{r['tokens']}:{r['ms']:.2f}" for r in cell.get("results", [])
+                )
+                print(
+                    f"[{time.perf_counter() - worker.began:5.0f} s] {label(cell)} "
+                    f"{cell.get('mode', '')}: {status}",
+                    flush=True,
+                )
             (out / "results.json").write_text(json.dumps(analyse(_ordered(done)), indent=1))
         for worker in list(running):
             if time.perf_counter() - worker.began > timeout and worker.proc.poll() is None:
-                worker.result = {**worker.spec, "error": f"timed out after {timeout:.0f} s"}
+                worker.results = [{**worker.spec, "error": f"timed out after {timeout:.0f} s"}]
                 worker.proc.kill()
         if measuring is None and ready:
             measuring = ready.popleft()
@@ -574,8 +694,8 @@ def run_grid(
     return analyse(_ordered(done))
 
 
-def _ordered(done: dict[int, dict]) -> list[dict]:
-    return [done[i] for i in sorted(done)]
+def _ordered(done: dict[int, list[dict]]) -> list[dict]:
+    return [cell for i in sorted(done) for cell in done[i]]
 
 
 def _tail(path: str) -> str:
@@ -589,10 +709,11 @@ def worker_main(spec: dict, lock_path: Path) -> int:
             raise SystemExit("the parent went away")
 
     try:
-        result = run_cell(spec, GpuLock(lock_path), go)
+        results = run_cell(spec, GpuLock(lock_path), go)
     except Exception as err:  # a failed cell is reported, not fatal to the grid
-        result = {**spec, "error": f"{type(err).__name__}: {err}"[:500]}
-    print("CELL " + json.dumps(result), flush=True)
+        results = [{**spec, "error": f"{type(err).__name__}: {err}"[:500]}]
+    for result in results:
+        print("CELL " + json.dumps(result), flush=True)
     return 0
 
 
@@ -632,11 +753,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--configs", type=_configs, help="group/num/step[:pp|:layer],... e.g. 2/1/1:pp,1/1/2"
     )
-    parser.add_argument("--hook-configs", type=_configs, default=[])
-    parser.add_argument("--uva", type=lambda s: [u for u in s.split(",") if u], default=[])
+    parser.add_argument("--hook-configs", type=_configs)
+    parser.add_argument("--uva", type=lambda s: [u for u in s.split(",") if u])
     parser.add_argument("--uva-gb", type=float, default=1.0)
     parser.add_argument("--peers", type=lambda s: [p for p in s.split(",") if p], default=[])
     parser.add_argument("--cap", type=float, help="memory fraction for a capped run")
+    parser.add_argument(
+        "--paired", action="store_true", help="time the modes of each config in turns"
+    )
     parser.add_argument("--no-resident", action="store_true", help="T_compute from --merge")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per cell")
     parser.add_argument("--deadline", type=float, default=1e9, help="no cell starts after it")
@@ -665,14 +789,16 @@ def _defaults(args: argparse.Namespace) -> None:
         args.tokens = args.tokens or [4, 16]
         args.modes = args.modes or ["default"]
         args.configs = args.configs or _configs("1/1/1,2/1/2,2/1/1:pp")
-        args.hook_configs = args.hook_configs or _configs("2/1/2")
-        args.uva = args.uva or ["copies"]
+        args.hook_configs = _configs("2/1/2") if args.hook_configs is None else args.hook_configs
+        args.uva = ["copies"] if args.uva is None else args.uva
         args.uva_gb = 2e-4
         args.runs, args.min_run_s, args.jobs = 2, 0.05, 2
     else:
         args.layers = args.layers or 32
         args.tokens = args.tokens or [1, 16, 256, 2048, 8192]
         args.modes = args.modes or ["default", "reduce-overhead"]
+        args.hook_configs = args.hook_configs or []
+        args.uva = args.uva or []
         if args.configs is None:
             args.configs = _configs(",".join(f"{g}/1/{s}" for g in (1, 2, 4, 8) for s in (1, 2, 4)))
 

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             for _ in range(3):
                 call(ids)
-            times = time_calls(call, ids, True, 5, 0.5)
+            times = time_calls({mode: call}, ids, True, 5, 0.5)[mode]
             torch.cuda.synchronize(device)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(args.calls):

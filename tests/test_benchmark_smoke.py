@@ -31,3 +31,21 @@ def test_smoke_benchmark_writes_its_three_outputs(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "| offload 2/1 step 2 | default |" in table
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_paired_cells_time_their_modes_in_turns_in_one_process(tmp_path):
+    command = [sys.executable, "-m", "benchmarks.offload_bench", "--smoke", "--paired"]
+    command += ["--modes", "default,reduce-overhead", "--configs", "2/1/1", "--hook-configs", ""]
+    command += ["--uva", "", "--no-resident", "--out", str(tmp_path)]
+    out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    cells = json.loads((tmp_path / "results.json").read_text())
+    assert [(c["method"], c["mode"], c["paired"]) for c in cells] == [
+        ("offload", "default", True),
+        ("offload", "reduce-overhead", True),
+    ]
+    for cell in cells:  # one worker: the same setup, and a time for every turn
+        assert [len(r["ms_runs"]) for r in cell["results"]] == [2, 2]
+        assert cell["setup_s"] == cells[0]["setup_s"]
+    table = (tmp_path / "results.md").read_text()
+    assert "| offload 2/1 step 1 paired | reduce-overhead vs default |" in table
