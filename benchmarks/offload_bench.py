@@ -25,6 +25,7 @@ import json
 import math
 import os
 import queue
+import signal
 import statistics
 import subprocess
 import sys
@@ -165,14 +166,12 @@ def prepare(spec: dict, device: torch.device, dtype: torch.dtype, lock: GpuLock)
             options = {"uva": {"cpu_offload_gb": spec["uva_gb"], **spec.get("uva", {})}}
         if mode != "default":
             options["mode"] = mode
-        # Built on the GPU unless it must not fit there; either way the offloaded weights go to
-        # pinned host memory now, before compiling, as a model too big for the GPU needs.
-        if spec.get("memory_fraction"):
-            lock.release()  # a CPU build is long and uses no GPU
-            model = build_model(spec, torch.device("cpu"), dtype)
-            lock.acquire()
-        else:
-            model = build_model(spec, device, dtype)
+        # Built on the CPU and placed (offloaded weights to pinned host memory, the rest to the
+        # GPU) before compiling, as a model too big for the GPU must be: the GPU never holds
+        # more than the resident weights, so several cells fit on it at once.
+        lock.release()  # the CPU build uses no GPU
+        model = build_model(spec, torch.device("cpu"), dtype)
+        lock.acquire()
         offload_compiler.place_model(model, options, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -285,9 +284,10 @@ def time_calls(
     return times
 
 
-def run_cell(spec: dict, lock: GpuLock, go=None) -> list[dict]:
+def run_cell(spec: dict, lock: GpuLock, go=None, measuring=None) -> list[dict]:
     """Prepare the cell (holding ``lock`` except while compiling), warm up every token count,
-    then wait for ``go()`` (the parent's turn to measure) and time it holding ``lock``.
+    then wait for ``go()`` (the parent's turn to measure) and time it holding ``lock``
+    (``measuring()`` once it holds it).
 
     A cell with ``modes`` (more than one) builds one model per mode in this process and times
     them in turns: its results compare the modes free of drift between processes. It returns
@@ -329,6 +329,8 @@ def run_cell(spec: dict, lock: GpuLock, go=None) -> list[dict]:
     if isolate:
         os.sched_setaffinity(0, cores[:2])
     lock.acquire()
+    if measuring is not None:
+        measuring()
     if spec["method"] == "bandwidth":
         return [{**spec, "h2d_GBps": h2d_gbps(device, 512 * 2**20)}]
     gbps_before = h2d_gbps(device, 512 * 2**20) if cuda else None
@@ -604,6 +606,7 @@ class _Worker:
             **os.environ,
             "TORCHINDUCTOR_COMPILE_THREADS": os.environ.get("TORCHINDUCTOR_COMPILE_THREADS", "4"),
         }
+        self.paused_s, self._paused_at = 0.0, None
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -619,6 +622,7 @@ class _Worker:
             stderr=self.log,
             text=True,
             env=env,
+            start_new_session=True,  # its own process group, compile workers included
         )
         threading.Thread(target=self._read, args=(events,), daemon=True).start()
 
@@ -633,13 +637,35 @@ class _Worker:
         self.proc.stdin.write("GO\n")
         self.proc.stdin.flush()
 
+    def pause(self) -> None:
+        """Stop the worker's processes (SIGSTOP) while another measures: compiling and building
+        on the host slowed the measured copies by up to 14% per run on an H100 machine."""
+        if self._paused_at is None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGSTOP)
+            self._paused_at = time.perf_counter()
+
+    def resume(self) -> None:
+        if self._paused_at is not None:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGCONT)
+            self.paused_s += time.perf_counter() - self._paused_at
+            self._paused_at = None
+
+    def elapsed(self) -> float:
+        """Seconds since it started, not counting pauses."""
+        paused = self.paused_s
+        if self._paused_at is not None:
+            paused += time.perf_counter() - self._paused_at
+        return time.perf_counter() - self.began - paused
+
 
 def run_grid(
-    cells: list[dict], out: Path, jobs: int, timeout: float, deadline: float
+    cells: list[dict], out: Path, jobs: int, timeout: float, deadline: float, quiet: bool = False
 ) -> list[dict]:
     """Run every cell in its own worker, ``jobs`` at a time, one measuring at a time; write
     ``results.json`` after each cell, so a run cut short keeps what it measured. No worker
-    starts ``deadline`` seconds after the first (the rest are listed as not run)."""
+    starts ``deadline`` seconds after the first (the rest are listed as not run). With
+    ``quiet`` the other workers are stopped while one measures."""
     began = time.perf_counter()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     lock = out / ".gpu.lock"
@@ -648,7 +674,8 @@ def run_grid(
     running: dict[_Worker, int] = {}
     ready: deque[_Worker] = deque()
     measuring: _Worker | None = None
-    done: dict[int, dict] = {}
+    locked = False  # the measuring worker holds the GPU lock (others may be stopped)
+    done: dict[int, list[dict]] = {}
     while todo or running:
         if todo and time.perf_counter() - began > deadline:
             print(
@@ -658,20 +685,31 @@ def run_grid(
             todo.clear()
         while todo and len(running) < jobs:
             index, spec = todo.popleft()
-            running[_Worker(spec, lock, out / "logs" / f"cell{index:03d}.log", events)] = index
+            worker = _Worker(spec, lock, out / "logs" / f"cell{index:03d}.log", events)
+            running[worker] = index
+            if quiet and locked:
+                worker.pause()
         try:
             worker, line = events.get(timeout=5)
         except queue.Empty:
             worker, line = None, None
         if worker is not None and line == "READY":
             ready.append(worker)
+        elif worker is not None and line == "MEASURING":  # it holds the GPU lock: no other can
+            locked = True
+            if quiet:
+                for other in running:
+                    if other is not worker:
+                        other.pause()
         elif worker is not None and line is not None and line.startswith("CELL "):
             worker.results.append(json.loads(line[5:]))
         elif worker is not None and line is None:  # the worker exited
             cells = worker.results or [{**worker.spec, "error": _tail(worker.log.name)}]
             done[running.pop(worker)] = cells
             if measuring is worker:
-                measuring = None
+                measuring, locked = None, False
+                for other in running:
+                    other.resume()
             if worker in ready:
                 ready.remove(worker)
             for cell in cells:
@@ -685,9 +723,10 @@ def run_grid(
                 )
             (out / "results.json").write_text(json.dumps(analyse(_ordered(done)), indent=1))
         for worker in list(running):
-            if time.perf_counter() - worker.began > timeout and worker.proc.poll() is None:
+            if worker.elapsed() > timeout and worker.proc.poll() is None:
+                worker.resume()
                 worker.results = [{**worker.spec, "error": f"timed out after {timeout:.0f} s"}]
-                worker.proc.kill()
+                os.killpg(worker.proc.pid, signal.SIGKILL)
         if measuring is None and ready:
             measuring = ready.popleft()
             measuring.go()
@@ -708,8 +747,11 @@ def worker_main(spec: dict, lock_path: Path) -> int:
         if sys.stdin.readline().strip() != "GO":
             raise SystemExit("the parent went away")
 
+    def measuring() -> None:
+        print("MEASURING", flush=True)
+
     try:
-        results = run_cell(spec, GpuLock(lock_path), go)
+        results = run_cell(spec, GpuLock(lock_path), go, measuring)
     except Exception as err:  # a failed cell is reported, not fatal to the grid
         results = [{**spec, "error": f"{type(err).__name__}: {err}"[:500]}]
     for result in results:
@@ -761,6 +803,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--paired", action="store_true", help="time the modes of each config in turns"
     )
+    parser.add_argument(
+        "--quiet", action="store_true", help="stop the other workers while one measures"
+    )
     parser.add_argument("--no-resident", action="store_true", help="T_compute from --merge")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per cell")
     parser.add_argument("--deadline", type=float, default=1e9, help="no cell starts after it")
@@ -777,7 +822,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = merge(args.merge)
     else:
         _defaults(args)
-        cells = run_grid(grid(args), args.out, args.jobs, args.timeout, args.deadline)
+        cells = run_grid(grid(args), args.out, args.jobs, args.timeout, args.deadline, args.quiet)
     write_outputs(cells, args.out, command)
     print((args.out / "results.md").read_text())
     return 0

@@ -34,7 +34,8 @@ def test_smoke_benchmark_writes_its_three_outputs(tmp_path):
 
 
 def test_paired_cells_time_their_modes_in_turns_in_one_process(tmp_path):
-    command = [sys.executable, "-m", "benchmarks.offload_bench", "--smoke", "--paired"]
+    """--quiet stops the other workers while one measures (SIGSTOP), which must not hang."""
+    command = [sys.executable, "-m", "benchmarks.offload_bench", "--smoke", "--paired", "--quiet"]
     command += ["--modes", "default,reduce-overhead", "--configs", "2/1/1", "--hook-configs", ""]
     command += ["--uva", "", "--no-resident", "--out", str(tmp_path)]
     out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
