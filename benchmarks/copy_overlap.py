@@ -32,6 +32,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.offload_bench import PROBE_BYTES, time_calls
+from offload_compiler.demo import h2d_gbps
+
 # (name, out features, in features) of one Llama-3-8B layer's matmul weights, in use order
 LAYER = [
     ("q", 4096, 4096),
@@ -134,24 +137,9 @@ class Pipeline:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
 
-def time_steps(step, device: torch.device, runs: int, min_run_s: float = 0.3) -> list[float]:
-    """ms per step of ``runs`` runs of back-to-back steps, each at least ``min_run_s`` long."""
-    import time
-
-    torch.cuda.synchronize(device)
-    begin = time.perf_counter()
-    step()
-    torch.cuda.synchronize(device)
-    calls = max(3, int(min_run_s / max(time.perf_counter() - begin, 1e-6)) + 1)
-    times = []
-    for _ in range(runs):
-        torch.cuda.synchronize(device)
-        begin = time.perf_counter()
-        for _ in range(calls):
-            step()
-        torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - begin) * 1e3 / calls)
-    return times
+def time_steps(step, runs: int, min_run_s: float = 0.3) -> list[float]:
+    """ms per step of ``runs`` runs of back-to-back steps, as the benchmark times a forward."""
+    return time_calls({"step": lambda _: step()}, None, True, runs, min_run_s)["step"]
 
 
 def captured(pipe: Pipeline, copies: bool, compute: bool):
@@ -207,9 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args(argv)
     device = torch.device("cuda", torch.cuda.current_device())
-    from offload_compiler.demo import h2d_gbps
-
-    gbps = h2d_gbps(device, 512 * 2**20)
+    gbps = h2d_gbps(device, PROBE_BYTES)
     rows = []
     variants = {  # copies, compute, high-priority copy stream, chunk size
         "copies": (True, False, False, None),
@@ -228,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                 "graph": captured(pipe, copies, compute),
             }
             for form, step in forms.items():
-                times = time_steps(step, device, args.runs)
+                times = time_steps(step, args.runs)
                 row = {
                     "tokens": tokens,
                     "variant": variant,

@@ -40,6 +40,7 @@ from offload_compiler.config import PrefetchOffloadConfig
 from offload_compiler.demo import h2d_gbps
 
 LLAMA_8B = {"hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "vocab": 128256}
+PROBE_BYTES = 512 * 2**20  # one pinned host-to-device copy of the bandwidth probe
 SMOKE = {"hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 2, "vocab": 256}
 
 
@@ -332,8 +333,8 @@ def run_cell(spec: dict, lock: GpuLock, go=None, measuring=None) -> list[dict]:
     if measuring is not None:
         measuring()
     if spec["method"] == "bandwidth":
-        return [{**spec, "h2d_GBps": h2d_gbps(device, 512 * 2**20)}]
-    gbps_before = h2d_gbps(device, 512 * 2**20) if cuda else None
+        return [{**spec, "h2d_GBps": h2d_gbps(device, PROBE_BYTES)}]
+    gbps_before = h2d_gbps(device, PROBE_BYTES) if cuda else None
     results: dict[str, list[dict]] = {mode: [] for mode in modes}
     with torch.no_grad():
         for tokens, ids in inputs.items():
@@ -355,7 +356,7 @@ def run_cell(spec: dict, lock: GpuLock, go=None, measuring=None) -> list[dict]:
                         "achieved_GBps": moved / (ms * 1e6) if moved else 0.0,
                     }
                 )
-    gbps_after = h2d_gbps(device, 512 * 2**20) if cuda else None
+    gbps_after = h2d_gbps(device, PROBE_BYTES) if cuda else None
     lock.release()
     return [
         {
@@ -462,7 +463,7 @@ def analyse(cells: list[dict]) -> list[dict]:
     }
     for cell in cells:
         mode = cell.get("mode")
-        gbps = cell.get("cell_h2d_GBps") or cell.get("run_h2d_GBps", bandwidth)
+        gbps = _cell_gbps(cell, bandwidth)
         for r in cell.get("results", []):
             t_compute = compute.get((mode, r["tokens"]), compute.get(("default", r["tokens"])))
             copied = cell["copied_bytes_per_forward"] if cell["method"] != "uva" else 0
@@ -470,6 +471,12 @@ def analyse(cells: list[dict]) -> list[dict]:
             r["bound_ms"] = max(t_compute or 0.0, copy_ms)
             r["ratio"] = r["ms"] / r["bound_ms"] if r["bound_ms"] else None
     return cells
+
+
+def _cell_gbps(cell: dict, bandwidth: float | None) -> float | None:
+    """The H2D bandwidth a cell is compared against: measured around its own timed runs, else
+    in its run (set by `merge`), else ``bandwidth``."""
+    return cell.get("cell_h2d_GBps") or cell.get("run_h2d_GBps", bandwidth)
 
 
 _METHOD_ORDER = ["resident", "offload", "hook", "uva", "accelerate", "diffusers"]
@@ -491,10 +498,7 @@ def _row_order(cell: dict) -> tuple:
 def markdown(cells: list[dict], command: str) -> str:
     timed = sorted((c for c in cells if c.get("results")), key=_row_order)
     bandwidth = next((c["h2d_GBps"] for c in cells if c["method"] == "bandwidth"), None)
-    per_cell = sorted(
-        {c.get("cell_h2d_GBps") or c["run_h2d_GBps"] for c in timed if c.get("run_h2d_GBps")}
-        | {c["cell_h2d_GBps"] for c in timed if c.get("cell_h2d_GBps")}
-    )
+    per_cell = sorted({g for c in timed if (g := _cell_gbps(c, None))})
     if per_cell:
         measured = f"{per_cell[0]:.1f}-{per_cell[-1]:.1f} GB/s, per cell (column GB/s)"
     else:
@@ -513,7 +517,7 @@ def markdown(cells: list[dict], command: str) -> str:
         "| --- | --- | --- | --- | " + " | ".join("---" for _ in tokens) + " |",
     ]
     for cell in timed:
-        gbps = cell.get("cell_h2d_GBps") or cell.get("run_h2d_GBps", bandwidth)
+        gbps = _cell_gbps(cell, bandwidth)
         row = [
             label(cell),
             str(cell.get("mode")),
