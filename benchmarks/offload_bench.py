@@ -154,7 +154,8 @@ def _call(model: torch.nn.Module):
 
 
 def prepare(spec: dict, device: torch.device, dtype: torch.dtype, lock: GpuLock):
-    """The model set up for the cell's method: (callable, bytes copied per forward)."""
+    """The model set up for the cell's method: (callable, bytes copied per forward, the pinned
+    host tensors it copies from, empty where the method keeps them to itself)."""
     from offload_compiler.pool import host_copy
 
     method, mode = spec["method"], spec.get("mode", "default")
@@ -176,11 +177,13 @@ def prepare(spec: dict, device: torch.device, dtype: torch.dtype, lock: GpuLock)
         offload_compiler.place_model(model, options, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        moved = sum(p.nbytes for p in model.parameters() if host_copy(p) is not None)
-        return _call(torch.compile(model, backend="offload", options=options)), moved
+        hosts = [h for h in map(host_copy, model.parameters()) if h is not None]
+        moved = sum(h.nbytes for h in hosts)
+        compiled = torch.compile(model, backend="offload", options=options)
+        return _call(compiled), moved, hosts if method == "offload" else []
     model = build_model(spec, device, dtype)
     if method == "resident":
-        return _call(torch.compile(model, mode=None if mode == "default" else mode)), 0
+        return _call(torch.compile(model, mode=None if mode == "default" else mode)), 0, []
     if method == "hook":
         from benchmarks.hook_offloader import HookPrefetchOffloader
 
@@ -195,7 +198,8 @@ def prepare(spec: dict, device: torch.device, dtype: torch.dtype, lock: GpuLock)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         compiled = torch.compile(model, mode=None if mode == "default" else mode)
-        return _call(compiled), offloader.offloaded_bytes
+        hosts = [t for host in offloader.hosts for t in host.values()]
+        return _call(compiled), offloader.offloaded_bytes, hosts
     if method == "accelerate":
         from accelerate import cpu_offload
 
@@ -205,7 +209,7 @@ def prepare(spec: dict, device: torch.device, dtype: torch.dtype, lock: GpuLock)
         for i in chosen:
             cpu_offload(layers[i], execution_device=device)
         torch.cuda.empty_cache()
-        return _call(model), moved
+        return _call(model), moved, []
     if method == "diffusers":
         from diffusers.hooks import apply_group_offloading
 
@@ -223,7 +227,7 @@ def prepare(spec: dict, device: torch.device, dtype: torch.dtype, lock: GpuLock)
             use_stream=True,
         )
         torch.cuda.empty_cache()
-        return _call(model), moved
+        return _call(model), moved, []
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -285,6 +289,31 @@ def time_calls(
     return times
 
 
+def copy_floor_ms(hosts: list[torch.Tensor], device: torch.device, repeats: int = 3) -> float:
+    """ms to copy ``hosts`` to the device back to back on one stream, nothing else running:
+    the floor of a forward that copies them, from the very pinned memory it copies from.
+
+    The machine's bandwidth probe reads a buffer of its own, and on these machines pinned
+    buffers differ in how fast they copy (see `benchmarks.pinned_bandwidth`), so two models
+    with the same configuration can have different floors.
+    """
+    flat = [h.reshape(-1).view(torch.uint8) for h in hosts]
+    scratch = torch.empty(max(f.numel() for f in flat), dtype=torch.uint8, device=device)
+    stream = torch.cuda.Stream(device)
+
+    def once() -> float:
+        begin = time.perf_counter()
+        with torch.cuda.stream(stream):
+            for f in flat:
+                scratch[: f.numel()].copy_(f, non_blocking=True)
+        stream.synchronize()
+        return (time.perf_counter() - begin) * 1e3
+
+    torch.cuda.synchronize(device)
+    once()
+    return statistics.median(once() for _ in range(repeats))
+
+
 def run_cell(spec: dict, lock: GpuLock, go=None, measuring=None) -> list[dict]:
     """Prepare the cell (holding ``lock`` except while compiling), warm up every token count,
     then wait for ``go()`` (the parent's turn to measure) and time it holding ``lock``
@@ -314,13 +343,13 @@ def run_cell(spec: dict, lock: GpuLock, go=None, measuring=None) -> list[dict]:
             inputs[tokens] = torch.randint(0, spec["shape"]["vocab"], (1, tokens), device=device)
         for mode in modes:
             before = torch.cuda.memory_allocated(device) if cuda else 0
-            call, moved = prepare({**spec, "mode": mode}, device, dtype, lock)
+            call, moved, hosts = prepare({**spec, "mode": mode}, device, dtype, lock)
             resident = torch.cuda.memory_allocated(device) - before if cuda else 0
             with torch.no_grad():
                 for ids in inputs.values():  # compiles (and CUDA graph recordings) for each
                     for _ in range(3):
                         call(ids)
-            prepared[mode] = (call, moved, resident)
+            prepared[mode] = (call, moved, resident, hosts)
         if cuda:
             torch.cuda.synchronize()
     setup_s = time.perf_counter() - setup
@@ -335,6 +364,9 @@ def run_cell(spec: dict, lock: GpuLock, go=None, measuring=None) -> list[dict]:
     if spec["method"] == "bandwidth":
         return [{**spec, "h2d_GBps": h2d_gbps(device, PROBE_BYTES)}]
     gbps_before = h2d_gbps(device, PROBE_BYTES) if cuda else None
+    floors: dict[str, list[float]] = {mode: [] for mode in modes if cuda and prepared[mode][3]}
+    for mode in floors:
+        floors[mode].append(copy_floor_ms(prepared[mode][3], device))
     results: dict[str, list[dict]] = {mode: [] for mode in modes}
     with torch.no_grad():
         for tokens, ids in inputs.items():
@@ -357,6 +389,8 @@ def run_cell(spec: dict, lock: GpuLock, go=None, measuring=None) -> list[dict]:
                     }
                 )
     gbps_after = h2d_gbps(device, PROBE_BYTES) if cuda else None
+    for mode in floors:
+        floors[mode].append(copy_floor_ms(prepared[mode][3], device))
     lock.release()
     return [
         {
@@ -366,6 +400,7 @@ def run_cell(spec: dict, lock: GpuLock, go=None, measuring=None) -> list[dict]:
             "copied_bytes_per_forward": prepared[mode][1],
             "resident_bytes_after_setup": prepared[mode][2] if len(modes) == 1 else None,
             "cell_h2d_GBps": (gbps_before + gbps_after) / 2 if cuda else None,
+            "copy_floor_ms": statistics.mean(floors[mode]) if mode in floors else None,
             "setup_s": setup_s,
             "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
             "torch": torch.__version__,
@@ -470,6 +505,8 @@ def analyse(cells: list[dict]) -> list[dict]:
             copy_ms = copied / (gbps * 1e6) if gbps and copied else 0.0
             r["bound_ms"] = max(t_compute or 0.0, copy_ms)
             r["ratio"] = r["ms"] / r["bound_ms"] if r["bound_ms"] else None
+            if cell.get("copy_floor_ms"):  # the same, from the cell's own pinned memory
+                r["floor_ratio"] = r["ms"] / max(t_compute or 0.0, cell["copy_floor_ms"])
     return cells
 
 
@@ -511,10 +548,14 @@ def markdown(cells: list[dict], command: str) -> str:
         f"Measured H2D bandwidth: {measured}.",
         f"Command: `{command}`",
         "",
-        "Step time in ms (ratio to the bound max(T_compute, copied bytes / bandwidth)):",
+        "Step time in ms (ratio to the bound max(T_compute, copied bytes / bandwidth)). "
+        "floor ms: the cell's own copies back to back, nothing else running (from its own "
+        "pinned memory, measured before and after its timed runs):",
         "",
-        "| method | mode | copied MB | GB/s | " + " | ".join(f"{t} tok" for t in tokens) + " |",
-        "| --- | --- | --- | --- | " + " | ".join("---" for _ in tokens) + " |",
+        "| method | mode | copied MB | GB/s | floor ms | "
+        + " | ".join(f"{t} tok" for t in tokens)
+        + " |",
+        "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in tokens) + " |",
     ]
     for cell in timed:
         gbps = _cell_gbps(cell, bandwidth)
@@ -523,6 +564,7 @@ def markdown(cells: list[dict], command: str) -> str:
             str(cell.get("mode")),
             f"{cell['copied_bytes_per_forward'] / 1e6:.0f}",
             f"{gbps:.1f}" if gbps else "",
+            f"{cell['copy_floor_ms']:.2f}" if cell.get("copy_floor_ms") else "",
         ]
         for r in cell["results"]:
             ratio = f" ({r['ratio']:.3f})" if r.get("ratio") else ""
@@ -568,7 +610,10 @@ def _paired_table(timed: list[dict]) -> list[str]:
     for cells in pairs.values():
         base = cells[0]
         for other in cells[1:]:
-            row = [label(base), f"{other['mode']} vs {base['mode']}"]
+            modes = f"{other['mode']} vs {base['mode']}"
+            if other.get("copy_floor_ms") and base.get("copy_floor_ms"):
+                modes += f" (floors {other['copy_floor_ms']:.2f} vs {base['copy_floor_ms']:.2f})"
+            row = [label(base), modes]
             for b, o in zip(base["results"], other["results"], strict=True):
                 turns = [x / y - 1 for x, y in zip(o["ms_runs"], b["ms_runs"], strict=True)]
                 row.append(f"{o['ms']:.2f} vs {b['ms']:.2f} ({statistics.median(turns):+.1%})")

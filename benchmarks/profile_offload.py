@@ -1,20 +1,22 @@
 """Where an offloaded step loses time: the copy engine and the compute stream, call by call.
 
-    python -m benchmarks.profile_offload --out DIR --layers 8 --tokens 2048 \
+    python -m benchmarks.profile_offload --out DIR --layers 8 --tokens 1,2048 \
         --config 1/1/1:pp --modes default,reduce-overhead
 
-For each mode it builds the benchmark's Llama-shaped model, offloads and compiles it exactly as
-`benchmarks.offload_bench` does, times it (median of back-to-back calls), then records
-``--calls`` calls under the PyTorch profiler (CUDA activities: kernels and memcpys, also those
-replayed from a CUDA graph) and writes ``<mode>.json`` with:
+It builds one model per mode (the benchmark's Llama-shaped model, offloaded and compiled exactly
+as `benchmarks.offload_bench` does) and keeps them all, as a paired benchmark cell does. For each
+token count it times the modes in turns (median of back-to-back calls), measures each model's
+copy floor (its own copies back to back, nothing else running), then records ``--calls`` calls
+of each mode under the PyTorch profiler (CUDA activities: kernels and memcpys, also those
+replayed from a CUDA graph) and writes ``<mode>-<tokens>.json`` with:
 
 - ``copy_busy_ms``: time the host-to-device copies were running, per call;
 - ``copy_idle``: the gaps between consecutive copies, largest first, each with the compute
   kernels that ran inside it (what the next copy was waiting for);
 - ``compute_busy_ms`` and the largest gaps on the compute streams (what compute waited for);
-- the effective bandwidth of the copies (bytes / time each copy ran).
+- the effective bandwidth of the copies (bytes / time each copy ran), and that of the floor;
 
-and a Chrome trace ``<mode>.trace.json.gz`` to look at.
+and a Chrome trace ``<mode>-<tokens>.trace.json.gz`` to look at.
 """
 
 from __future__ import annotations
@@ -29,7 +31,14 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.offload_bench import LLAMA_8B, GpuLock, _configs, prepare, time_calls
+from benchmarks.offload_bench import (
+    LLAMA_8B,
+    GpuLock,
+    _configs,
+    copy_floor_ms,
+    prepare,
+    time_calls,
+)
 
 
 def _spans(events) -> list[tuple[float, float, str, int]]:
@@ -82,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--tokens", type=lambda s: [int(t) for t in s.split(",")], default=[2048])
     parser.add_argument("--config", type=_configs, default=_configs("1/1/1:pp"))
     parser.add_argument(
         "--modes", type=lambda s: s.split(","), default=["default", "reduce-overhead"]
@@ -94,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device("cuda", torch.cuda.current_device())
     lock = GpuLock(Path(tempfile.mkstemp()[1]))
+    inputs = {t: torch.randint(0, LLAMA_8B["vocab"], (1, t), device=device) for t in args.tokens}
+    models = {}
     for mode in args.modes:
         spec = {
             "method": "offload",
@@ -101,41 +112,47 @@ def main(argv: list[str] | None = None) -> int:
             "prefetch": args.config[0],
             "shape": LLAMA_8B,
             "layers": args.layers,
-            "tokens": [args.tokens],
+            "tokens": args.tokens,
             "device": str(device),
         }
-        call, moved = prepare(spec, device, torch.bfloat16, lock)
-        ids = torch.randint(0, LLAMA_8B["vocab"], (1, args.tokens), device=device)
+        models[mode] = prepare(spec, device, torch.bfloat16, lock)
         with torch.no_grad():
-            for _ in range(3):
-                call(ids)
-            times = time_calls({mode: call}, ids, True, 5, 0.5)[mode]
-            torch.cuda.synchronize(device)
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(args.calls):
-                    call(ids)
+            for ids in inputs.values():
+                for _ in range(3):
+                    models[mode][0](ids)
+    for tokens, ids in inputs.items():
+        with torch.no_grad():
+            calls = {mode: call for mode, (call, _, _) in models.items()}
+            times = time_calls(calls, ids, True, 5, 0.5)
+        for mode, (call, moved, hosts) in models.items():
+            floor = copy_floor_ms(hosts, device)
+            with torch.no_grad():
                 torch.cuda.synchronize(device)
-        summary = {
-            "mode": mode,
-            "config": args.config[0],
-            "layers": args.layers,
-            "tokens": args.tokens,
-            "ms": statistics.median(times),
-            "ms_runs": times,
-            "copied_bytes_per_call": moved,
-            **summarise(prof, args.calls),
-        }
-        summary["copy_GBps_while_running"] = moved / (summary["copy_busy_ms_per_call"] * 1e6)
-        (args.out / f"{mode}.json").write_text(json.dumps(summary, indent=1))
-        trace = args.out / f"{mode}.trace.json"
-        prof.export_chrome_trace(str(trace))
-        with trace.open("rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
-            packed.write(raw.read())
-        trace.unlink()
-        print(json.dumps({k: v for k, v in summary.items() if "largest" not in k}), flush=True)
-        del call
-        torch._dynamo.reset()
-        torch.cuda.empty_cache()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(args.calls):
+                        call(ids)
+                    torch.cuda.synchronize(device)
+            summary = {
+                "mode": mode,
+                "config": args.config[0],
+                "layers": args.layers,
+                "tokens": tokens,
+                "ms": statistics.median(times[mode]),
+                "ms_runs": times[mode],
+                "copied_bytes_per_call": moved,
+                "copy_floor_ms": floor,
+                "copy_floor_GBps": moved / (floor * 1e6),
+                **summarise(prof, args.calls),
+            }
+            summary["copy_GBps_while_running"] = moved / (summary["copy_busy_ms_per_call"] * 1e6)
+            name = f"{mode}-{tokens}"
+            (args.out / f"{name}.json").write_text(json.dumps(summary, indent=1))
+            trace = args.out / f"{name}.trace.json"
+            prof.export_chrome_trace(str(trace))
+            with trace.open("rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
+                packed.write(raw.read())
+            trace.unlink()
+            print(json.dumps({k: v for k, v in summary.items() if "largest" not in k}), flush=True)
     return 0
 
 

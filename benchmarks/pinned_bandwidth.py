@@ -1,0 +1,111 @@
+"""How fast pinned host buffers copy to the GPU, buffer by buffer, by how they were pinned.
+
+    python -m benchmarks.pinned_bandwidth --out DIR [--buffers 24] [--mib 112]
+
+An offloaded forward's floor is its copied bytes over the H2D bandwidth. This checks whether
+that bandwidth is a property of the machine or of each pinned buffer: it allocates
+``--buffers`` buffers the size of one MLP weight of the benchmark model for each way of pinning,
+times every buffer's copy in turns (``--repeats`` rounds, so a drift of the machine reaches all
+alike) and writes ``pinned_bandwidth.json`` with each buffer's median GB/s and the spread per
+way of pinning:
+
+- ``torch``: ``torch.empty(..., pin_memory=True)`` (PyTorch's caching host allocator, which
+  rounds each allocation up to a power of two);
+- ``register``: an ordinary host tensor, page-locked in place with ``cudaHostRegister``;
+- ``register-huge``: the same over an anonymous mapping advised to use transparent huge pages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import statistics
+from pathlib import Path
+
+import torch
+
+
+def _registered(nbytes: int, huge: bool) -> tuple[torch.Tensor, object]:
+    """A host tensor page-locked with cudaHostRegister, and what keeps its memory alive."""
+    if huge:
+        keep: object = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        keep.madvise(mmap.MADV_HUGEPAGE)
+        tensor = torch.frombuffer(keep, dtype=torch.uint8)
+    else:
+        tensor = torch.empty(nbytes, dtype=torch.uint8)
+        keep = tensor
+    tensor.fill_(1)  # fault the pages in before they are locked
+    err = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 0)
+    if int(err) != 0:
+        raise RuntimeError(f"cudaHostRegister failed: {err}")
+    return tensor, keep
+
+
+def _allocate(how: str, nbytes: int) -> tuple[torch.Tensor, object]:
+    if how == "torch":
+        tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        return tensor, tensor
+    return _registered(nbytes, huge=how == "register-huge")
+
+
+def _copy_ms(src: torch.Tensor, dst: torch.Tensor) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    dst.copy_(src, non_blocking=True)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--buffers", type=int, default=24)
+    parser.add_argument("--mib", type=float, default=112.0, help="size of each buffer")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--ways", default="torch,register,register-huge")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    nbytes = int(args.mib * 2**20)
+    device = torch.device("cuda", torch.cuda.current_device())
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    buffers: dict[str, list[tuple[torch.Tensor, object]]] = {}
+    for how in args.ways.split(","):
+        buffers[how] = [_allocate(how, nbytes) for _ in range(args.buffers)]
+    times: dict[str, list[list[float]]] = {h: [[] for _ in b] for h, b in buffers.items()}
+    for bufs in buffers.values():  # a first copy of each, untimed
+        for tensor, _ in bufs:
+            _copy_ms(tensor, dst)
+    for _ in range(args.repeats):
+        for i in range(args.buffers):
+            for how, bufs in buffers.items():
+                times[how][i].append(_copy_ms(bufs[i][0], dst))
+    result: dict[str, object] = {
+        "device_name": torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "buffer_bytes": nbytes,
+        "buffers": args.buffers,
+        "repeats": args.repeats,
+    }
+    for how, per_buffer in times.items():
+        gbps = [nbytes / (statistics.median(t) * 1e6) for t in per_buffer]
+        result[how] = {
+            "per_buffer_GBps": gbps,
+            "min": min(gbps),
+            "median": statistics.median(gbps),
+            "max": max(gbps),
+            "spread": max(gbps) / min(gbps) - 1,
+            "repeat_spread_median": statistics.median(max(t) / min(t) - 1 for t in per_buffer),
+        }
+        print(how, {k: v for k, v in result[how].items() if k != "per_buffer_GBps"}, flush=True)
+    for how, bufs in buffers.items():
+        if how != "torch":
+            for tensor, _ in bufs:
+                torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr())
+    (args.out / "pinned_bandwidth.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
