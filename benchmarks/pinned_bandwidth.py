@@ -13,6 +13,11 @@ way of pinning:
   rounds each allocation up to a power of two);
 - ``register``: an ordinary host tensor, page-locked in place with ``cudaHostRegister``;
 - ``register-huge``: the same over an anonymous mapping advised to use transparent huge pages.
+
+With ``--graphs N`` it also captures N CUDA graphs that each copy all ``torch`` buffers back to
+back on a side stream (forked from and joined into the capture stream, as the backend's copies
+are) and times the graphs in turns against the same copies issued eagerly: whether a captured
+copy is as fast as an eager one, and whether every recording of the same copies is as fast.
 """
 
 from __future__ import annotations
@@ -58,6 +63,38 @@ def _copy_ms(src: torch.Tensor, dst: torch.Tensor) -> float:
     return start.elapsed_time(end)
 
 
+def _graph_copies(srcs: list[torch.Tensor], dst: torch.Tensor, graphs: int, repeats: int) -> dict:
+    """GB/s of copying ``srcs`` into ``dst`` eagerly and in each of ``graphs`` recordings."""
+    side = torch.cuda.Stream()
+    nbytes = sum(s.nbytes for s in srcs)
+
+    def copies() -> None:
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for src in srcs:
+                dst.copy_(src, non_blocking=True)
+        torch.cuda.current_stream().wait_stream(side)
+
+    recorded = []
+    for _ in range(graphs):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            copies()
+        recorded.append(graph)
+    runs = {"eager": copies, **{f"graph{i}": g.replay for i, g in enumerate(recorded)}}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats + 1):  # the first round untimed
+        for name, run in runs.items():
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end))
+    return {name: nbytes / (statistics.median(t[1:]) * 1e6) for name, t in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -65,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mib", type=float, default=112.0, help="size of each buffer")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ways", default="torch,register,register-huge")
+    parser.add_argument("--graphs", type=int, default=0, help="CUDA graph recordings to time")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     nbytes = int(args.mib * 2**20)
@@ -99,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             "repeat_spread_median": statistics.median(max(t) / min(t) - 1 for t in per_buffer),
         }
         print(how, {k: v for k, v in result[how].items() if k != "per_buffer_GBps"}, flush=True)
+    if args.graphs and "torch" in buffers:
+        srcs = [tensor for tensor, _ in buffers["torch"]]
+        result["graphs_GBps"] = _graph_copies(srcs, dst, args.graphs, args.repeats)
+        print("graphs", result["graphs_GBps"], flush=True)
     for how, bufs in buffers.items():
         if how != "torch":
             for tensor, _ in bufs:
