@@ -12,8 +12,10 @@ each token count (batch 1) and prints one JSON line. The parent gathers them and
 ``results.json``, ``results.md`` and ``results.png`` into ``--out``; ``--merge`` joins the
 results of several runs (one grid split over several device calls).
 
-Bound of a cell: max(T_compute, copied bytes / H2D bandwidth), where T_compute is the same model
-compiled without offloading in the same mode, and the bandwidth is measured in the same run.
+Bound of a cell: max(T_compute, copy time), where T_compute is the same model compiled without
+offloading in the same mode, and the copy time is the cell's copy floor (its own copies back to
+back, measured around its timed runs), or for cells that have none, copied bytes / the H2D
+bandwidth measured in the same run.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from offload_compiler.demo import h2d_gbps
 
 LLAMA_8B = {"hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "vocab": 128256}
 PROBE_BYTES = 512 * 2**20  # one pinned host-to-device copy of the bandwidth probe
+NOISY_SPREAD = 0.05  # timed runs of a cell that differ more than this are flagged
 SMOKE = {"hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 2, "vocab": 256}
 
 
@@ -487,8 +490,13 @@ def label(cell: dict) -> str:
 
 
 def analyse(cells: list[dict]) -> list[dict]:
-    """Attach the bound and ratio to every timed result. A cell's bandwidth is that of its own
-    run (``run_h2d_GBps``, set by `merge`), else the run's only bandwidth cell."""
+    """Attach the bound and ratio to every timed result.
+
+    The copy term of the bound is the cell's copy floor where it measured one (its own copies
+    back to back: exact bytes, its own pinned memory, taken around its timed runs), else its
+    copied bytes over the bandwidth probe (`_cell_gbps`). A probe is one 512 MiB copy at one
+    moment, and on a shared host one probe read 46 GB/s while the cell's floor before and after
+    its runs read 55 GB/s: a bound from that probe alone put the cell at 0.89 of it."""
     bandwidth = next((c["h2d_GBps"] for c in cells if c["method"] == "bandwidth"), None)
     compute = {
         (c["mode"], r["tokens"]): r["ms"]
@@ -503,10 +511,10 @@ def analyse(cells: list[dict]) -> list[dict]:
             t_compute = compute.get((mode, r["tokens"]), compute.get(("default", r["tokens"])))
             copied = cell["copied_bytes_per_forward"] if cell["method"] != "uva" else 0
             copy_ms = copied / (gbps * 1e6) if gbps and copied else 0.0
+            if copied and cell.get("copy_floor_ms"):
+                copy_ms = cell["copy_floor_ms"]
             r["bound_ms"] = max(t_compute or 0.0, copy_ms)
             r["ratio"] = r["ms"] / r["bound_ms"] if r["bound_ms"] else None
-            if cell.get("copy_floor_ms"):  # the same, from the cell's own pinned memory
-                r["floor_ratio"] = r["ms"] / max(t_compute or 0.0, cell["copy_floor_ms"])
     return cells
 
 
@@ -548,9 +556,10 @@ def markdown(cells: list[dict], command: str) -> str:
         f"Measured H2D bandwidth: {measured}.",
         f"Command: `{command}`",
         "",
-        "Step time in ms (ratio to the bound max(T_compute, copied bytes / bandwidth)). "
-        "floor ms: the cell's own copies back to back, nothing else running (from its own "
-        "pinned memory, measured before and after its timed runs):",
+        "Step time in ms (ratio to the bound max(T_compute, copy time)). floor ms: the "
+        "cell's own copies back to back, nothing else running (from its own pinned memory, "
+        "measured before and after its timed runs); the copy time of the bound is the floor "
+        "where a cell has one, else copied bytes / the bandwidth probe (column GB/s):",
         "",
         "| method | mode | copied MB | GB/s | floor ms | "
         + " | ".join(f"{t} tok" for t in tokens)
@@ -568,8 +577,15 @@ def markdown(cells: list[dict], command: str) -> str:
         ]
         for r in cell["results"]:
             ratio = f" ({r['ratio']:.3f})" if r.get("ratio") else ""
-            row.append(f"{r['ms']:.2f}{ratio}")
+            noisy = " †" if run_spread(r) > NOISY_SPREAD else ""
+            row.append(f"{r['ms']:.2f}{ratio}{noisy}")
         lines.append("| " + " | ".join(row) + " |")
+    lines += [
+        "",
+        f"†: the cell's timed runs spread by more than {NOISY_SPREAD:.0%} (slowest / fastest): "
+        "the machine changed under them (other workers' compiles before --quiet, another "
+        "tenant's traffic on the host), so its median is not a reliable comparison.",
+    ]
     lines += _paired_table(timed)
     lines += ["", "Memory (GB): resident after setup; peak at the largest token count", ""]
     lines += ["| method | mode | resident | peak |", "| --- | --- | --- | --- |"]
@@ -586,6 +602,12 @@ def markdown(cells: list[dict], command: str) -> str:
         lines += ["", "Cells that failed:", ""]
         lines += [f"- {label(c)} ({c.get('mode')}): {c['error']}" for c in failed]
     return "\n".join(lines) + "\n"
+
+
+def run_spread(result: dict) -> float:
+    """Slowest over fastest of a result's timed runs, minus 1."""
+    runs = result.get("ms_runs") or [result["ms"]]
+    return max(runs) / min(runs) - 1
 
 
 def _paired_table(timed: list[dict]) -> list[str]:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.offload_bench import analyse, markdown
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -50,3 +52,41 @@ def test_paired_cells_time_their_modes_in_turns_in_one_process(tmp_path):
         assert cell["setup_s"] == cells[0]["setup_s"]
     table = (tmp_path / "results.md").read_text()
     assert "| offload 2/1 step 1 paired | reduce-overhead vs default |" in table
+
+
+def _cell(method: str, ms: list[float], **extra) -> dict:
+    """A cell as a worker reports it (one token count), with runs ``ms``."""
+    result = {"tokens": 1, "ms": sorted(ms)[len(ms) // 2], "ms_runs": ms, "peak_bytes": 0}
+    return {
+        "method": method,
+        "mode": "default",
+        "tokens": [1],
+        "resident_bytes_after_setup": 0,
+        "results": [result],
+        **extra,
+    }
+
+
+def test_the_bound_uses_a_cells_copy_floor_over_the_bandwidth_probe():
+    """A probe of 46 GB/s during interference must not put a cell below its bound."""
+    resident = _cell("resident", [10.0, 10.0, 10.0], copied_bytes_per_forward=0)
+    spec = {"copied_bytes_per_forward": 1_000_000_000, "cell_h2d_GBps": 46.0}
+    prefetch = {"offload_group_size": 2, "offload_num_in_group": 1, "offload_prefetch_step": 1}
+    with_floor = _cell("offload", [20.0] * 3, prefetch=prefetch, copy_floor_ms=18.2, **spec)
+    probe_only = _cell("offload", [20.0] * 3, prefetch=prefetch, **spec)
+    analyse([resident, with_floor, probe_only])
+    assert with_floor["results"][0]["bound_ms"] == 18.2
+    assert round(probe_only["results"][0]["bound_ms"], 3) == round(1e9 / 46e6, 3)
+    assert resident["results"][0]["ratio"] == 1.0
+
+
+def test_the_table_flags_cells_whose_runs_spread_beyond_five_percent():
+    prefetch = {"offload_group_size": 2, "offload_num_in_group": 1, "offload_prefetch_step": 1}
+    spec = {"copied_bytes_per_forward": 0, "prefetch": prefetch}
+    steady = _cell("offload", [100.0, 101.0, 102.0], **spec)
+    noisy = _cell("hook", [100.0, 101.0, 112.0], **spec)
+    table = markdown(analyse([steady, noisy]), "cmd")
+    times = [line for line in table.splitlines() if line.startswith("| ") and "101.00" in line]
+    assert len(times) == 2  # the step-time rows (the memory table follows)
+    assert times[0].startswith("| offload 2/1 step 1 |") and "†" not in times[0]
+    assert times[1].startswith("| hook 2/1 step 1 |") and times[1].endswith("101.00 † |")
