@@ -296,9 +296,9 @@ def copy_floor_ms(hosts: list[torch.Tensor], device: torch.device, repeats: int 
     """ms to copy ``hosts`` to the device back to back on one stream, nothing else running:
     the floor of a forward that copies them, from the very pinned memory it copies from.
 
-    The machine's bandwidth probe reads a buffer of its own, and on these machines pinned
-    buffers differ in how fast they copy (see `benchmarks.pinned_bandwidth`), so two models
-    with the same configuration can have different floors.
+    Unlike the bandwidth probe (one 512 MiB buffer of its own, copied once), it moves exactly
+    the cell's bytes in the cell's tensor sizes, and is taken right around the cell's timed
+    runs: on a shared host the H2D bandwidth moves by several percent within minutes.
     """
     flat = [h.reshape(-1).view(torch.uint8) for h in hosts]
     scratch = torch.empty(max(f.numel() for f in flat), dtype=torch.uint8, device=device)
@@ -373,13 +373,17 @@ def run_cell(spec: dict, lock: GpuLock, go=None, measuring=None) -> list[dict]:
     results: dict[str, list[dict]] = {mode: [] for mode in modes}
     with torch.no_grad():
         for tokens, ids in inputs.items():
-            if cuda:
+            if cuda:  # cached blocks nothing holds (the probe's, the floor's) leave first
+                torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
             calls = {mode: prepared[mode][0] for mode in modes}
             times = time_calls(calls, ids, cuda, spec.get("runs", 5), spec.get("min_run_s", 0.5))
-            peak = None  # the models of a paired cell share the GPU
+            peak = peak_reserved = None  # the models of a paired cell share the GPU
             if len(modes) == 1:
                 peak = torch.cuda.max_memory_allocated(device) if cuda else 0
+                # A CUDA graph's activations live in its memory pool, reserved since it was
+                # recorded (before this window) and not counted as allocated by its replays.
+                peak_reserved = torch.cuda.max_memory_reserved(device) if cuda else 0
             for mode in modes:
                 ms, moved = statistics.median(times[mode]), prepared[mode][1]
                 results[mode].append(
@@ -388,6 +392,7 @@ def run_cell(spec: dict, lock: GpuLock, go=None, measuring=None) -> list[dict]:
                         "ms": ms,
                         "ms_runs": times[mode],
                         "peak_bytes": peak,
+                        "peak_reserved_bytes": peak_reserved,
                         "achieved_GBps": moved / (ms * 1e6) if moved else 0.0,
                     }
                 )
@@ -587,15 +592,24 @@ def markdown(cells: list[dict], command: str) -> str:
         "tenant's traffic on the host), so its median is not a reliable comparison.",
     ]
     lines += _paired_table(timed)
-    lines += ["", "Memory (GB): resident after setup; peak at the largest token count", ""]
-    lines += ["| method | mode | resident | peak |", "| --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "Memory (GB): allocated after setup (resident weights, slots); at the largest token "
+        "count the peak allocated and the peak reserved by the caching allocator, which "
+        "alone counts a CUDA graph's memory pool (empty for runs that did not record it)",
+        "",
+        "| method | mode | resident | peak | peak reserved |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for cell in timed:
         if cell.get("paired"):
             continue  # the models of a paired cell share the GPU
+        last = cell["results"][-1]
+        reserved = last.get("peak_reserved_bytes")
         lines.append(
             f"| {label(cell)} | {cell.get('mode')} | "
-            f"{cell['resident_bytes_after_setup'] / 1e9:.2f} | "
-            f"{cell['results'][-1]['peak_bytes'] / 1e9:.2f} |"
+            f"{cell['resident_bytes_after_setup'] / 1e9:.2f} | {last['peak_bytes'] / 1e9:.2f} | "
+            + (f"{reserved / 1e9:.2f} |" if reserved is not None else "|")
         )
     failed = [c for c in cells if c.get("error")]
     if failed:
