@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.offload_bench import PROBE_BYTES, time_calls
+from benchmarks.offload_bench import PROBE_BYTES, fill_from_block, time_calls
 from offload_compiler.demo import h2d_gbps
 
 # (name, out features, in features) of one Llama-3-8B layer's matmul weights, in use order
@@ -55,8 +55,7 @@ def host_weights(layers: int) -> list[dict[str, torch.Tensor]]:
         layer = {}
         for name, out, inp in LAYER:
             flat = torch.empty(out * inp, dtype=torch.bfloat16, pin_memory=True)
-            for begin in range(0, flat.numel(), block.numel()):
-                flat[begin : begin + block.numel()] = block[: flat.numel() - begin]
+            fill_from_block(flat, block)
             layer[name] = flat.view(out, inp)
         weights.append(layer)
     return weights

@@ -97,11 +97,16 @@ def _fill_random(model: torch.nn.Module, dtype: torch.dtype) -> None:
                 if value.dim() == 1:
                     value.fill_(1.0)
                 else:
-                    flat = value.view(-1)
-                    for begin in range(0, flat.numel(), block.numel()):
-                        flat[begin : begin + block.numel()] = block[: flat.numel() - begin]
+                    fill_from_block(value.view(-1), block)
                 made[id(param)] = torch.nn.Parameter(value, requires_grad=param.requires_grad)
             module._parameters[name] = made[id(param)]
+
+
+def fill_from_block(flat: torch.Tensor, block: torch.Tensor) -> None:
+    """Fill the 1-D ``flat`` with copies of ``block``: random-looking values at the cost of a
+    copy, where drawing billions of random numbers on a few cores takes minutes."""
+    for begin in range(0, flat.numel(), block.numel()):
+        flat[begin : begin + block.numel()] = block[: flat.numel() - begin]
 
 
 def _build(spec: dict, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

@@ -26,6 +26,7 @@ import argparse
 import json
 import mmap
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -54,13 +55,18 @@ def _allocate(how: str, nbytes: int) -> tuple[torch.Tensor, object]:
     return _registered(nbytes, huge=how == "register-huge")
 
 
-def _copy_ms(src: torch.Tensor, dst: torch.Tensor) -> float:
+def _timed_ms(run: Callable[[], object]) -> float:
+    """GPU time of what ``run`` enqueues on the current stream, between two events."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    dst.copy_(src, non_blocking=True)
+    run()
     end.record()
     end.synchronize()
     return start.elapsed_time(end)
+
+
+def _copy_ms(src: torch.Tensor, dst: torch.Tensor) -> float:
+    return _timed_ms(lambda: dst.copy_(src, non_blocking=True))
 
 
 def _graph_copies(srcs: list[torch.Tensor], dst: torch.Tensor, graphs: int, repeats: int) -> dict:
@@ -85,13 +91,7 @@ def _graph_copies(srcs: list[torch.Tensor], dst: torch.Tensor, graphs: int, repe
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats + 1):  # the first round untimed
         for name, run in runs.items():
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            run()
-            end.record()
-            end.synchronize()
-            times[name].append(start.elapsed_time(end))
+            times[name].append(_timed_ms(run))
     return {name: nbytes / (statistics.median(t[1:]) * 1e6) for name, t in times.items()}
 
 
