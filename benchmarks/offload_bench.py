@@ -161,11 +161,6 @@ def _call(model: torch.nn.Module):
     return run
 
 
-# Mode suffixes of offload cells: "reduce-overhead+captured" records the prefetch copies and
-# waits inside the CUDA graphs instead of running them between the captured pieces.
-_PREFETCH_VARIANTS: dict[str, dict] = {"": {}, "captured": {"offload_prefetch_in_cudagraph": True}}
-
-
 def prepare(spec: dict, device: torch.device, dtype: torch.dtype, lock: GpuLock):
     """The model set up for the cell's method: (callable, bytes copied per forward, the pinned
     host tensors it copies from, empty where the method keeps them to itself)."""
@@ -175,9 +170,8 @@ def prepare(spec: dict, device: torch.device, dtype: torch.dtype, lock: GpuLock)
     if method in ("offload", "uva"):
         import offload_compiler
 
-        mode, _, variant = mode.partition("+")
         if method == "offload":
-            options = {"prefetch": {**spec["prefetch"], **_PREFETCH_VARIANTS[variant]}}
+            options = {"prefetch": spec["prefetch"]}
         else:
             options = {"uva": {"cpu_offload_gb": spec["uva_gb"], **spec.get("uva", {})}}
         if mode != "default":
@@ -445,19 +439,11 @@ def grid(args: argparse.Namespace) -> list[dict]:
         "transformers": not args.smoke,
     }
     cells: list[dict] = [] if args.smoke else [{**base, "method": "bandwidth"}]
-    # A mode's "+variant" suffix (_PREFETCH_VARIANTS) is for offload cells only.
-    base_modes = list(dict.fromkeys(mode.partition("+")[0] for mode in args.modes))
     if args.paired:  # one cell per configuration, its modes timed in turns in one process
-        for method, configs, modes in (
-            ("offload", args.configs, args.modes),
-            ("hook", args.hook_configs, base_modes),
-        ):
+        for method, configs in (("offload", args.configs), ("hook", args.hook_configs)):
             for prefetch in configs:
-                cells.append({**base, "method": method, "modes": modes, "prefetch": prefetch})
-    for mode in [] if args.paired else [m for m in args.modes if m not in base_modes]:
-        for prefetch in args.configs:
-            cells.append({**base, "method": "offload", "mode": mode, "prefetch": prefetch})
-    for mode in base_modes:
+                cells.append({**base, "method": method, "modes": args.modes, "prefetch": prefetch})
+    for mode in args.modes:
         if not args.no_resident:
             cells.append({**base, "method": "resident", "mode": mode})
         for prefetch in [] if args.paired else args.configs:
@@ -532,8 +518,7 @@ def analyse(cells: list[dict]) -> list[dict]:
         mode = cell.get("mode")
         gbps = _cell_gbps(cell, bandwidth)
         for r in cell.get("results", []):
-            base_mode = (mode or "").partition("+")[0]
-            t_compute = compute.get((base_mode, r["tokens"]), compute.get(("default", r["tokens"])))
+            t_compute = compute.get((mode, r["tokens"]), compute.get(("default", r["tokens"])))
             copied = cell["copied_bytes_per_forward"] if cell["method"] != "uva" else 0
             copy_ms = copied / (gbps * 1e6) if gbps and copied else 0.0
             if copied and cell.get("copy_floor_ms"):

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in args.modes:
         spec = {
             "method": "offload",
-            "mode": mode.partition(".")[0].removesuffix("+rejoin"),
+            "mode": mode.partition("+")[0].partition(".")[0],
             "prefetch": args.config[0],
             "shape": LLAMA_8B,
             "layers": args.layers,

@@ -40,17 +40,6 @@ log = logging.getLogger(__name__)
 # ahead of the wait for its weights.
 _ORDER_PRESERVING = {"reorder_for_locality": False, "reorder_for_peak_memory": False}
 
-# Under CUDA graphs, split the graph at every prefetch op so that the ops run eagerly between
-# the captured pieces: Inductor's graph partitioning, one cudagraph tree node per piece.
-_PARTITION_AT_PREFETCH_OPS = {
-    "graph_partition": True,
-    "custom_should_partition_ops": [
-        "offload::wait_prefetch",
-        "offload::start_prefetch",
-        "offload::join_after_forward",
-    ],
-}
-
 _INFERENCE_ONLY = (
     "the offload backend compiles inference only: call the compiled model under "
     "torch.no_grad() or torch.inference_mode()"
@@ -86,14 +75,9 @@ def offload_backend(
         log.info("offload: this graph reads no offloaded layer; compiling it unchanged")
         return compile_fx(gm, example_inputs, config_patches=patches)
     _guard_parameter_identity(gm, reads.keys())
-    cudagraphs = bool(patches.get("triton.cudagraphs", torch._inductor.config.triton.cudagraphs))
-    eager_prefetch = cudagraphs and not config.prefetch.offload_prefetch_in_cudagraph
-    if eager_prefetch:
-        patches.update(_PARTITION_AT_PREFETCH_OPS)
+    cudagraphs = patches.get("triton.cudagraphs", torch._inductor.config.triton.cudagraphs)
     rewrite = OffloadPrefetchPass(
-        reads,
-        rejoin=cudagraphs and not eager_prefetch,
-        per_param=config.prefetch.offload_per_param,
+        reads, rejoin=bool(cudagraphs), per_param=config.prefetch.offload_per_param
     )
     result = rewrite(gm)
     _log_summary(runtimes, reads)

@@ -138,18 +138,6 @@ class PrefetchOffloadConfig(_FrozenConfig):
     and one start per layer.
     """
 
-    offload_prefetch_in_cudagraph: bool = False
-    """Under ``mode="reduce-overhead"``: record the prefetch copies and waits inside the CUDA
-    graphs (True), or run them between the captured pieces (False, the default).
-
-    False splits each compiled graph at every prefetch op (Inductor's graph partitioning), so
-    the copies are issued as in default mode while the compute replays as CUDA graphs. On the
-    H100 the copies of a captured graph ran 2-4% slower whenever compute waited on them
-    (docs/benchmarks.md), which made decode steps slower than in default mode. True gives
-    one CUDA graph per compiled graph (fewer launches, which matters for small models), whose
-    copies are joined at its end.
-    """
-
     def is_offloaded_layer(self, index: int) -> bool:
         """Whether repeated block ``index`` is offloaded, i.e. among the last of its group."""
         group_size = self.offload_group_size

@@ -12,12 +12,10 @@ def prefetch_options(
     step: int = 1,
     offload_params: Iterable[str] = (),
     per_param: bool | None = None,
-    in_cudagraph: bool | None = None,
     **top: Any,
 ) -> dict:
-    """Backend options for prefetch offloading; ``per_param`` sets ``offload_per_param`` and
-    ``in_cudagraph`` ``offload_prefetch_in_cudagraph`` (the defaults apply when None); ``top``
-    adds top-level keys (mode, ...)."""
+    """Backend options for prefetch offloading; ``per_param`` sets ``offload_per_param`` (the
+    default applies when None); ``top`` adds top-level keys (mode, ...)."""
     prefetch = {
         "offload_group_size": group,
         "offload_num_in_group": num,
@@ -26,6 +24,4 @@ def prefetch_options(
     }
     if per_param is not None:
         prefetch["offload_per_param"] = per_param
-    if in_cudagraph is not None:
-        prefetch["offload_prefetch_in_cudagraph"] = in_cudagraph
     return {"prefetch": prefetch, **top}

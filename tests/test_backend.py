@@ -19,7 +19,7 @@ import torch
 from torch._dynamo.exc import BackendCompilerFailed
 
 import offload_compiler
-from offload_compiler import OffloadConfig, backend
+from offload_compiler import OffloadConfig
 from offload_compiler.backend import compile_rewrite, offload_backend, plan_slot_reads
 from offload_compiler.fx_pass import OffloadPrefetchPass
 from tests.common import prefetch_options
@@ -308,43 +308,18 @@ def test_backend_is_found_through_the_entry_point_without_import():
     assert out.stdout.split() == ["offload_compiler.backend", "offload_backend"]
 
 
-@pytest.mark.parametrize(
-    ("mode", "in_cudagraph", "rejoin", "partition"),
-    [
-        ("default", True, False, False),
-        ("reduce-overhead", False, False, True),
-        ("reduce-overhead", True, True, False),
-    ],
-)
-def test_join_rejoins_only_when_the_copies_are_captured(
-    mode, in_cudagraph, rejoin, partition, caplog, monkeypatch
-):
-    """The rewritten graph is logged at DEBUG; its join carries whether to rejoin, which only
-    copies recorded into a CUDA graph must; otherwise under reduce-overhead Inductor is told to
-    split the graph at the prefetch ops, so that they run between the captured pieces."""
-    patches = []
-
-    def compile_fx(gm, example_inputs, config_patches):
-        patches.append(config_patches)
-        return real_compile_fx(gm, example_inputs, config_patches=config_patches)
-
-    real_compile_fx = backend.compile_fx
-    monkeypatch.setattr(backend, "compile_fx", compile_fx)
+@pytest.mark.parametrize(("mode", "rejoin"), [("default", False), ("reduce-overhead", True)])
+def test_join_rejoins_only_graphs_that_run_as_cuda_graphs(mode, rejoin, caplog):
+    """The rewritten graph is logged at DEBUG; its join carries whether to rejoin."""
     torch.manual_seed(0)
-    options = prefetch_options(1, 1, 1, mode=mode, in_cudagraph=in_cudagraph)
-    compiled = torch.compile(MLPStack(layers=2, dim=16), backend="offload", options=options)
+    model = MLPStack(layers=2, dim=16)
+    compiled = torch.compile(
+        model, backend="offload", options={**prefetch_options(1, 1, 1), "mode": mode}
+    )
     with caplog.at_level(logging.DEBUG, logger="offload_compiler.backend"), torch.no_grad():
         compiled(_mlp_input())
     (graph,) = [r.getMessage() for r in caplog.records if "rewritten graph" in r.getMessage()]
     assert re.search(rf"join_after_forward\.default\(\[empty\], \d+, {rejoin}\)", graph), graph
-    (used,) = patches
-    split_at = set(used.get("custom_should_partition_ops", ()))
-    assert split_at == (
-        {"offload::wait_prefetch", "offload::start_prefetch", "offload::join_after_forward"}
-        if partition
-        else set()
-    )
-    assert used.get("graph_partition", False) is partition
 
 
 @pytest.mark.parametrize("step", [1, 2, 3])
@@ -352,7 +327,7 @@ def test_reduce_overhead_rewrite_with_graph_top_starts_equals_inductor(step):
     """With mode reduce-overhead the graph rejoins at its end and starts some copies for the
     next call at its top (see fx_pass); on CPU the same graph runs without CUDA graphs."""
     torch.manual_seed(0)
-    options = prefetch_options(1, 1, step, mode="reduce-overhead", in_cudagraph=True)
+    options = {**prefetch_options(1, 1, step), "mode": "reduce-overhead"}
     worst = _compare(MLPStack(layers=6, dim=16), options, _mlp_input, calls=4)
     assert max(worst) <= 1e-5, worst
 
