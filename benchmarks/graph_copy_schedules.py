@@ -8,7 +8,9 @@ replays that schedule with nothing else around it: ``--layers`` layers of ``--pa
 the size of one MLP weight of the benchmark model, one slot per weight (prefetch_step 1,
 per-parameter streaming). Weight j of layer L is copied into slot j on a side stream once
 layer L-1 has read it; the compute stream waits for the copy and reads the slot with a
-matrix-vector product of ``tokens`` columns. Each way of copying runs eagerly and as one
+matrix product with ``tokens`` columns; with ``--resident N`` each layer also reads N resident
+weights of the same size first (the resident layers of a group, which fill the graph with
+kernels that need no copy). Each way of copying runs eagerly and as one
 captured CUDA graph, timed in turns (``--rounds``), and ``graph_copy_schedules.json`` has the
 median step time and the copies' effective GB/s of each:
 
@@ -58,6 +60,7 @@ def step(
     slots: list[torch.Tensor],
     x: torch.Tensor | None,
     side: torch.cuda.Stream,
+    resident: list[torch.Tensor],
 ) -> None:
     """One offloaded forward: copies on ``side``, reads (unless ``x`` is None) on the current
     stream, each copy after the previous layer's read of its slot."""
@@ -65,6 +68,8 @@ def step(
     side.wait_stream(main)
     freed: list[torch.cuda.Event | None] = [None] * len(slots)
     for layer in hosts:
+        for weight in resident if x is not None else []:
+            torch.mm(weight, x)
         for j, (host, view) in enumerate(layer):
             with torch.cuda.stream(side):
                 if freed[j] is not None:
@@ -88,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--params", type=int, default=4)
     parser.add_argument("--chunk-mib", type=int, default=16)
+    parser.add_argument("--resident", type=int, default=0, help="resident weights per layer")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=5, help="forwards per timed run")
     args = parser.parse_args(argv)
@@ -100,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             host = torch.empty(ROWS, COLS, dtype=torch.bfloat16, pin_memory=True).normal_()
             layer.append((host, cuda_view_of_pinned(host, device)))
         hosts.append(layer)
-    slots = [torch.empty(ROWS, COLS, dtype=torch.bfloat16, device=device) for _ in range(4)]
+    weight = {"dtype": torch.bfloat16, "device": device}
+    slots = [torch.empty(ROWS, COLS, **weight) for _ in range(args.params)]
+    resident = [torch.randn(ROWS, COLS, **weight) for _ in range(args.resident)]
     nbytes = sum(h.nbytes for layer in hosts for h, _ in layer)
     side = torch.cuda.Stream(device)
     chunk = args.chunk_mib * 2**20 // 2
@@ -119,13 +127,13 @@ def main(argv: list[str] | None = None) -> int:
 
                 def eager(copy: Copy = copy, x: torch.Tensor | None = x if reads else None) -> None:
                     for _ in range(args.calls):
-                        step(copy, hosts, slots, x, side)
+                        step(copy, hosts, slots, x, side, resident)
 
                 eager()  # warm up (cuBLAS handles, kernels) before capture
                 torch.cuda.synchronize(device)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
-                    step(copy, hosts, slots, x if reads else None, side)
+                    step(copy, hosts, slots, x if reads else None, side, resident)
                 runs[f"{name} eager"] = eager
                 runs[f"{name} graph"] = lambda graph=graph: [
                     graph.replay() for _ in range(args.calls)
@@ -151,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(device),
         "torch": torch.__version__,
         "copied_bytes_per_step": nbytes,
+        "resident_weights_per_layer": args.resident,
         "results": results,
     }
     (args.out / "graph_copy_schedules.json").write_text(json.dumps(summary, indent=1))
