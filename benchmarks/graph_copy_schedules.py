@@ -15,6 +15,10 @@ of copying runs eagerly and as one captured CUDA graph, timed in turns (``--roun
 On the H100 the captured schedule copied as fast as the eager one (session 5 in the docs):
 the slowdown needs more of the compiled model's graph than this.
 
+This is a second implementation of `benchmarks.copy_overlap`'s pipeline (its ``Pipeline`` and
+``captured``); what it adds (``--resident``, the ``sm`` copy, the forms timed in turns) is to
+move there once a device run can confirm the figures after the move.
+
 - ``ce``: one ``copy_(non_blocking=True)`` per weight (the copy engine), as the runtime does;
 - ``ce-chunks``: the same copy in ``--chunk-mib`` pieces;
 - ``sm``: an elementwise kernel reading the pinned memory through its device view (the SMs);
