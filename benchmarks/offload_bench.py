@@ -161,12 +161,19 @@ def _call(model: torch.nn.Module):
     return run
 
 
+def base_mode(mode: str) -> str:
+    """The Inductor mode of a benchmark mode: ``reduce-overhead.2`` is a second model compiled
+    in ``reduce-overhead`` (paired cells time several models of one mode, since two models of
+    one configuration and mode can differ in step time by more than two modes do)."""
+    return mode.partition(".")[0]
+
+
 def prepare(spec: dict, device: torch.device, dtype: torch.dtype, lock: GpuLock):
     """The model set up for the cell's method: (callable, bytes copied per forward, the pinned
     host tensors it copies from, empty where the method keeps them to itself)."""
     from offload_compiler.pool import host_copy
 
-    method, mode = spec["method"], spec.get("mode", "default")
+    method, mode = spec["method"], base_mode(spec.get("mode", "default"))
     if method in ("offload", "uva"):
         import offload_compiler
 
@@ -515,7 +522,7 @@ def analyse(cells: list[dict]) -> list[dict]:
         for r in c["results"]
     }
     for cell in cells:
-        mode = cell.get("mode")
+        mode = base_mode(cell.get("mode") or "default")
         gbps = _cell_gbps(cell, bandwidth)
         for r in cell.get("results", []):
             t_compute = compute.get((mode, r["tokens"]), compute.get(("default", r["tokens"])))
@@ -659,7 +666,37 @@ def _paired_table(timed: list[dict]) -> list[str]:
                 turns = [x / y - 1 for x, y in zip(o["ms_runs"], b["ms_runs"], strict=True)]
                 row.append(f"{o['ms']:.2f} vs {b['ms']:.2f} ({statistics.median(turns):+.1%})")
             lines.append("| " + " | ".join(row) + " |")
+        lines += _mode_group_rows(cells)
     return lines
+
+
+def _mean_turns(models: list[dict], result: int) -> list[float]:
+    """Per turn, the mean step time of ``models`` at their ``result``-th token count."""
+    runs = zip(*(m["results"][result]["ms_runs"] for m in models), strict=True)
+    return [statistics.mean(turn) for turn in runs]
+
+
+def _mode_group_rows(cells: list[dict]) -> list[str]:
+    """Where a paired cell has several models of one mode: each mode against the first, as
+    the median over turns of (mean step time of its models / that of the first mode's) - 1."""
+    groups: dict[str, list[dict]] = {}
+    for cell in cells:
+        groups.setdefault(base_mode(cell["mode"]), []).append(cell)
+    if all(len(g) == 1 for g in groups.values()):
+        return []
+    (base_name, base), *others = groups.items()
+    rows = []
+    for name, group in others:
+        row = [label(cells[0]), f"{name} ({len(group)} models) vs {base_name} ({len(base)} models)"]
+        for i in range(len(base[0]["results"])):
+            other_ms, base_ms = _mean_turns(group, i), _mean_turns(base, i)
+            turns = [x / y - 1 for x, y in zip(other_ms, base_ms, strict=True)]
+            row.append(
+                f"{statistics.median(other_ms):.2f} vs {statistics.median(base_ms):.2f} "
+                f"({statistics.median(turns):+.1%})"
+            )
+        rows.append("| " + " | ".join(row) + " |")
+    return rows
 
 
 def plot(cells: list[dict], path: Path) -> None:

@@ -18,6 +18,11 @@ With ``--graphs N`` it also captures N CUDA graphs that each copy all ``torch`` 
 back on a side stream (forked from and joined into the capture stream, as the backend's copies
 are) and times the graphs in turns against the same copies issued eagerly: whether a captured
 copy is as fast as an eager one, and whether every recording of the same copies is as fast.
+
+With ``--streams N`` it copies the same ``torch`` buffers eagerly on each of N streams
+(``torch.cuda.Stream()``, which hands out PyTorch's pool of streams in turn; the first half at
+low, the second at high priority), in turns: whether the H2D bandwidth is a property of the
+stream a copy is issued on (the hardware channel and copy engine the driver maps it to).
 """
 
 from __future__ import annotations
@@ -95,6 +100,40 @@ def _graph_copies(srcs: list[torch.Tensor], dst: torch.Tensor, graphs: int, repe
     return {name: nbytes / (statistics.median(t[1:]) * 1e6) for name, t in times.items()}
 
 
+def _stream_copies(srcs: list[torch.Tensor], dst: torch.Tensor, streams: int, repeats: int) -> dict:
+    """GB/s of copying ``srcs`` into ``dst`` on each of ``streams`` streams, timed in turns."""
+    nbytes = sum(s.nbytes for s in srcs)
+    pool = [torch.cuda.Stream(priority=0 if i < streams // 2 else -1) for i in range(streams)]
+
+    def copies(stream: torch.cuda.Stream) -> None:
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for src in srcs:
+                dst.copy_(src, non_blocking=True)
+        torch.cuda.current_stream().wait_stream(stream)
+
+    times: list[list[float]] = [[] for _ in pool]
+    for _ in range(repeats + 1):  # the first round untimed
+        for i, stream in enumerate(pool):
+            times[i].append(_timed_ms(lambda stream=stream: copies(stream)))
+    per_stream = [
+        {
+            "stream_id": stream.stream_id,
+            "priority": stream.priority,
+            "GBps": nbytes / (statistics.median(t[1:]) * 1e6),
+            "GBps_runs": [nbytes / (ms * 1e6) for ms in t[1:]],
+        }
+        for stream, t in zip(pool, times, strict=True)
+    ]
+    gbps = [s["GBps"] for s in per_stream]
+    return {
+        "per_stream": per_stream,
+        "min": min(gbps),
+        "max": max(gbps),
+        "spread": max(gbps) / min(gbps) - 1,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -103,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ways", default="torch,register,register-huge")
     parser.add_argument("--graphs", type=int, default=0, help="CUDA graph recordings to time")
+    parser.add_argument("--streams", type=int, default=0, help="streams to time copies on")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     nbytes = int(args.mib * 2**20)
@@ -141,6 +181,17 @@ def main(argv: list[str] | None = None) -> int:
         srcs = [tensor for tensor, _ in buffers["torch"]]
         result["graphs_GBps"] = _graph_copies(srcs, dst, args.graphs, args.repeats)
         print("graphs", result["graphs_GBps"], flush=True)
+    if args.streams and "torch" in buffers:
+        srcs = [tensor for tensor, _ in buffers["torch"]]
+        result["streams_GBps"] = _stream_copies(srcs, dst, args.streams, args.repeats)
+        print("streams", {k: v for k, v in result["streams_GBps"].items() if k != "per_stream"})
+        for s in result["streams_GBps"]["per_stream"]:
+            print(
+                s["stream_id"],
+                s["priority"],
+                round(s["GBps"], 2),
+                [round(g, 2) for g in s["GBps_runs"]],
+            )
     for how, bufs in buffers.items():
         if how != "torch":
             for tensor, _ in bufs:

@@ -90,3 +90,21 @@ def test_the_table_flags_cells_whose_runs_spread_beyond_five_percent():
     assert len(times) == 2  # the step-time rows (the memory table follows)
     assert times[0].startswith("| offload 2/1 step 1 |") and "†" not in times[0]
     assert times[1].startswith("| hook 2/1 step 1 |") and times[1].endswith("101.00 † |")
+
+
+def test_a_paired_cell_with_several_models_per_mode_compares_the_modes_means():
+    """Two models of one mode differ by more than two modes can: the row that compares the
+    modes averages each mode's models turn by turn."""
+    prefetch = {"offload_group_size": 2, "offload_num_in_group": 1, "offload_prefetch_step": 2}
+    spec = {"copied_bytes_per_forward": 0, "prefetch": prefetch, "paired": True}
+    runs = {
+        "default": [100.0, 110.0],
+        "default.2": [102.0, 112.2],
+        "reduce-overhead": [103.0, 113.3],
+        "reduce-overhead.2": [101.0, 111.1],
+    }
+    cells = [_cell("offload", ms, **spec, mode=mode) for mode, ms in runs.items()]
+    table = markdown(analyse(cells), "cmd")
+    row = next(line for line in table.splitlines() if "(2 models)" in line)
+    assert row.startswith("| offload 2/1 step 2 paired | reduce-overhead (2 models) vs default")
+    assert row.endswith("(+1.0%) |")
