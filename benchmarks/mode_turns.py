@@ -11,8 +11,11 @@ slots and copy stream. The variants, timed in this order turn after turn:
 
 - ``reduce-overhead``, ``reduce-overhead.2``: compiled with ``triton.cudagraphs`` on (what
   ``mode="reduce-overhead"`` sets); two recordings of the same graphs;
-- ``default+rejoin``: default mode with the schedule the backend gives CUDA graphs (copies
-  joined at the end, next-call copies at the top): the same schedule run eagerly;
+- ``default+rejoin+graph``: default mode compiled with the schedule the backend gives CUDA
+  graphs (copies joined at the end, next-call copies at the top), each token count's call
+  captured by hand into one ``torch.cuda.CUDAGraph`` and replayed: a CUDA graph without
+  cudagraph trees;
+- ``default+rejoin``: the same compile run eagerly;
 - ``default``: default mode.
 
 Taking turns is safe only in this order. The runtime's bookkeeping of which layer each slot
@@ -53,7 +56,13 @@ from benchmarks.profile_offload import _forced_rejoin
 from offload_compiler import backend, place_model
 from offload_compiler.pool import host_copy
 
-VARIANTS = ["reduce-overhead", "reduce-overhead.2", "default+rejoin", "default"]
+VARIANTS = [
+    "reduce-overhead",
+    "reduce-overhead.2",
+    "default+rejoin+graph",
+    "default+rejoin",
+    "default",
+]
 
 
 @contextlib.contextmanager
@@ -62,9 +71,24 @@ def compiling_as(variant: str) -> Iterator[None]:
     graphs = variant.startswith("reduce-overhead")
     with (
         torch._inductor.config.patch({"triton.cudagraphs": graphs}),
-        _forced_rejoin(variant.endswith("+rejoin")),
+        _forced_rejoin("+rejoin" in variant),
     ):
         yield
+
+
+def captured(call: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor):
+    """``call(ids)`` recorded into one CUDA graph by hand; the callable replays it (whatever
+    ids it is given) and returns the recording's output tensor."""
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        out = call(ids)
+
+    def replay(_: torch.Tensor) -> torch.Tensor:
+        graph.replay()
+        return out
+
+    return replay
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,10 +135,11 @@ def main(argv: list[str] | None = None) -> int:
                 with compiling_as(variant):
                     for _ in range(3):  # compile, cudagraph warm-up, recording
                         call(ids)
+            runs = {v: captured(c, ids) if v.endswith("+graph") else c for v, c in calls.items()}
             floor_before = copy_floor_ms(hosts, device)
-            times = time_calls(calls, ids, True, args.runs, args.min_run_s)
+            times = time_calls(runs, ids, True, args.runs, args.min_run_s)
             floor_after = copy_floor_ms(hosts, device)
-            outputs = {variant: call(ids).float() for variant, call in calls.items()}
+            outputs = {variant: run(ids).float() for variant, run in runs.items()}
             scale = expected.abs().max()
             errors = {v: ((o - expected).abs().max() / scale).item() for v, o in outputs.items()}
             # the compiled variants run the same kernels: any difference among them is a slot
