@@ -11,10 +11,15 @@ slots and copy stream. The variants, timed in this order turn after turn:
 
 - ``reduce-overhead``, ``reduce-overhead.2``: compiled with ``triton.cudagraphs`` on (what
   ``mode="reduce-overhead"`` sets); two recordings of the same graphs;
+- ``reduce-overhead+cublas``: the same, but recorded without clearing cuBLAS's workspaces
+  first (cudagraph trees clear them around every recording, so that the graph allocates its
+  own; cuBLAS may then pick other kernels);
 - ``default+rejoin+graph``: default mode compiled with the schedule the backend gives CUDA
   graphs (copies joined at the end, next-call copies at the top), each token count's call
   captured by hand into one ``torch.cuda.CUDAGraph`` and replayed: a CUDA graph without
   cudagraph trees;
+- ``default+rejoin+graph+clear``: the same, captured with cuBLAS's workspaces cleared as
+  cudagraph trees do;
 - ``default+rejoin``: the same compile run eagerly;
 - ``default``: default mode.
 
@@ -43,6 +48,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from torch._inductor import cudagraph_trees
 
 from benchmarks.offload_bench import (
     LLAMA_8B,
@@ -60,7 +66,9 @@ from offload_compiler.pool import host_copy
 VARIANTS = [
     "reduce-overhead",
     "reduce-overhead.2",
+    "reduce-overhead+cublas",
     "default+rejoin+graph",
+    "default+rejoin+graph+clear",
     "default+rejoin",
     "default",
 ]
@@ -70,11 +78,25 @@ VARIANTS = [
 def compiling_as(variant: str) -> Iterator[None]:
     """The global settings a variant's compiles run under."""
     graphs = variant.startswith("reduce-overhead")
+    keep_cublas = contextlib.nullcontext if variant.endswith("+cublas") else None
     with (
         torch._inductor.config.patch({"triton.cudagraphs": graphs}),
         _forced_rejoin("+rejoin" in variant),
+        _patched(cudagraph_trees, "clear_cublas_manager", keep_cublas),
     ):
         yield
+
+
+@contextlib.contextmanager
+def _patched(module: object, name: str, value: object | None) -> Iterator[None]:
+    """``module.name`` set to ``value`` inside (left alone if ``value`` is None)."""
+    original = getattr(module, name)
+    if value is not None:
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
 
 
 def _distance(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> float:
@@ -82,12 +104,14 @@ def _distance(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> float:
     return ((a - b).abs().max() / scale).item()
 
 
-def captured(call: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor):
-    """``call(ids)`` recorded into one CUDA graph by hand; the callable replays it (whatever
-    ids it is given) and returns the recording's output tensor."""
+def captured(call: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, clear: bool):
+    """``call(ids)`` recorded into one CUDA graph by hand (with cuBLAS's workspaces cleared
+    around it if ``clear``); the callable replays it (whatever ids it is given) and returns the
+    recording's output tensor."""
     graph = torch.cuda.CUDAGraph()
     torch.cuda.synchronize()
-    with torch.cuda.graph(graph):
+    clearing = cudagraph_trees.clear_cublas_manager
+    with clearing() if clear else contextlib.nullcontext(), torch.cuda.graph(graph):
         out = call(ids)
 
     def replay(_: torch.Tensor) -> torch.Tensor:
@@ -145,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                         call(ids)
                 # captured right after its own warm-up, which joined its copies: nothing
                 # another variant started is pending
-                runs[variant] = captured(call, ids) if variant.endswith("+graph") else call
+                by_hand = "+graph" in variant
+                runs[variant] = captured(call, ids, variant.endswith("+clear")) if by_hand else call
                 first[variant] = runs[variant](ids).float()
             floor_before = copy_floor_ms(hosts, device)
             times = time_calls(runs, ids, True, args.runs, args.min_run_s)
