@@ -11,9 +11,9 @@ slots and copy stream. The variants, timed in this order turn after turn:
 
 - ``reduce-overhead``, ``reduce-overhead.2``: compiled with ``triton.cudagraphs`` on (what
   ``mode="reduce-overhead"`` sets); two recordings of the same graphs;
-- ``reduce-overhead+cublas``: the same, but recorded without clearing cuBLAS's workspaces
-  first (cudagraph trees clear them around every recording, so that the graph allocates its
-  own; cuBLAS may then pick other kernels);
+- ``reduce-overhead+notrees``: the same compile, wrapped by Inductor's plain ``cudagraphify``
+  (``triton.cudagraph_trees`` off: one graph per compiled graph, inputs that are not static
+  copied in before each replay) instead of cudagraph trees;
 - ``default+rejoin+graph``: default mode compiled with the schedule the backend gives CUDA
   graphs (copies joined at the end, next-call copies at the top), each token count's call
   captured by hand into one ``torch.cuda.CUDAGraph`` and replayed: a CUDA graph without
@@ -66,7 +66,7 @@ from offload_compiler.pool import host_copy
 VARIANTS = [
     "reduce-overhead",
     "reduce-overhead.2",
-    "reduce-overhead+cublas",
+    "reduce-overhead+notrees",
     "default+rejoin+graph",
     "default+rejoin+graph+clear",
     "default+rejoin",
@@ -78,25 +78,14 @@ VARIANTS = [
 def compiling_as(variant: str) -> Iterator[None]:
     """The global settings a variant's compiles run under."""
     graphs = variant.startswith("reduce-overhead")
-    keep_cublas = contextlib.nullcontext if variant.endswith("+cublas") else None
+    trees = not variant.endswith("+notrees")
     with (
-        torch._inductor.config.patch({"triton.cudagraphs": graphs}),
+        torch._inductor.config.patch(
+            {"triton.cudagraphs": graphs, "triton.cudagraph_trees": trees}
+        ),
         _forced_rejoin("+rejoin" in variant),
-        _patched(cudagraph_trees, "clear_cublas_manager", keep_cublas),
     ):
         yield
-
-
-@contextlib.contextmanager
-def _patched(module: object, name: str, value: object | None) -> Iterator[None]:
-    """``module.name`` set to ``value`` inside (left alone if ``value`` is None)."""
-    original = getattr(module, name)
-    if value is not None:
-        setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
 
 
 def _distance(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> float:
