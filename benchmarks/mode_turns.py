@@ -14,6 +14,9 @@ slots and copy stream. The variants, timed in this order turn after turn:
 - ``reduce-overhead+notrees``: the same compile, wrapped by Inductor's plain ``cudagraphify``
   (``triton.cudagraph_trees`` off: one graph per compiled graph, inputs that are not static
   copied in before each replay) instead of cudagraph trees;
+- ``reduce-overhead+nopartition``: compiled with Inductor's ``graph_partition`` off (on by
+  default since torch 2.9: with CUDA graphs, Inductor may split a graph and reorders the nodes
+  it splits at);
 - ``default+rejoin+graph``: default mode compiled with the schedule the backend gives CUDA
   graphs (copies joined at the end, next-call copies at the top), each token count's call
   captured by hand into one ``torch.cuda.CUDAGraph`` and replayed: a CUDA graph without
@@ -67,6 +70,7 @@ VARIANTS = [
     "reduce-overhead",
     "reduce-overhead.2",
     "reduce-overhead+notrees",
+    "reduce-overhead+nopartition",
     "default+rejoin+graph",
     "default+rejoin+graph+clear",
     "default+rejoin",
@@ -78,11 +82,14 @@ VARIANTS = [
 def compiling_as(variant: str) -> Iterator[None]:
     """The global settings a variant's compiles run under."""
     graphs = variant.startswith("reduce-overhead")
-    trees = not variant.endswith("+notrees")
+    patches = {
+        "triton.cudagraphs": graphs,
+        "triton.cudagraph_trees": not variant.endswith("+notrees"),
+        "graph_partition": torch._inductor.config.graph_partition
+        and not variant.endswith("+nopartition"),
+    }
     with (
-        torch._inductor.config.patch(
-            {"triton.cudagraphs": graphs, "triton.cudagraph_trees": trees}
-        ),
+        torch._inductor.config.patch(patches),
         _forced_rejoin("+rejoin" in variant),
     ):
         yield
@@ -161,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                 by_hand = "+graph" in variant
                 runs[variant] = captured(call, ids, variant.endswith("+clear")) if by_hand else call
                 first[variant] = runs[variant](ids).float()
+                partitions = torch._dynamo.utils.counters["inductor"]["cudagraph_partitions"]
+                print(f"{variant}: {partitions} cudagraph partitions so far", flush=True)
             floor_before = copy_floor_ms(hosts, device)
             times = time_calls(runs, ids, True, args.runs, args.min_run_s)
             floor_after = copy_floor_ms(hosts, device)
