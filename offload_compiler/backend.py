@@ -76,9 +76,8 @@ def offload_backend(
         return compile_fx(gm, example_inputs, config_patches=patches)
     _guard_parameter_identity(gm, reads.keys())
     cudagraphs = patches.get("triton.cudagraphs", torch._inductor.config.triton.cudagraphs)
-    rewrite = OffloadPrefetchPass(
-        reads, rejoin=bool(cudagraphs), per_param=config.prefetch.offload_per_param
-    )
+    rejoin = bool(cudagraphs) or config.prefetch.offload_capturable
+    rewrite = OffloadPrefetchPass(reads, rejoin, per_param=config.prefetch.offload_per_param)
     result = rewrite(gm)
     _log_summary(runtimes, reads)
     _publish_graph(result.gm)

@@ -308,14 +308,25 @@ def test_backend_is_found_through_the_entry_point_without_import():
     assert out.stdout.split() == ["offload_compiler.backend", "offload_backend"]
 
 
-@pytest.mark.parametrize(("mode", "rejoin"), [("default", False), ("reduce-overhead", True)])
-def test_join_rejoins_only_graphs_that_run_as_cuda_graphs(mode, rejoin, caplog):
-    """The rewritten graph is logged at DEBUG; its join carries whether to rejoin."""
+@pytest.mark.parametrize(
+    ("mode", "capturable", "rejoin"),
+    [
+        ("default", False, False),
+        ("reduce-overhead", False, True),
+        ("default", True, True),
+        ("reduce-overhead", True, True),
+    ],
+)
+def test_join_rejoins_graphs_that_run_or_may_be_captured_as_cuda_graphs(
+    mode, capturable, rejoin, caplog
+):
+    """The rewritten graph is logged at DEBUG; its join carries whether to rejoin: under
+    reduce-overhead, or in any mode with ``offload_capturable`` (a capture outside Inductor)."""
     torch.manual_seed(0)
     model = MLPStack(layers=2, dim=16)
-    compiled = torch.compile(
-        model, backend="offload", options={**prefetch_options(1, 1, 1), "mode": mode}
-    )
+    options = prefetch_options(1, 1, 1, mode=mode)
+    options["prefetch"]["offload_capturable"] = capturable
+    compiled = torch.compile(model, backend="offload", options=options)
     with caplog.at_level(logging.DEBUG, logger="offload_compiler.backend"), torch.no_grad():
         compiled(_mlp_input())
     (graph,) = [r.getMessage() for r in caplog.records if "rewritten graph" in r.getMessage()]
@@ -329,6 +340,18 @@ def test_reduce_overhead_rewrite_with_graph_top_starts_equals_inductor(step):
     torch.manual_seed(0)
     options = {**prefetch_options(1, 1, step), "mode": "reduce-overhead"}
     worst = _compare(MLPStack(layers=6, dim=16), options, _mlp_input, calls=4)
+    assert max(worst) <= 1e-5, worst
+
+
+@pytest.mark.parametrize("per_param", [False, True])
+@pytest.mark.parametrize("step", [1, 2])
+def test_capturable_default_mode_equals_inductor_on_every_call(step, per_param):
+    """Default mode with the CUDA-graph schedule (offload_capturable) runs eagerly as well."""
+    torch.manual_seed(0)
+    model = LlamaShaped(layers=4, dim=32, heads=4, kv_heads=2, hidden=64, vocab=64)
+    options = prefetch_options(2, 1, step, per_param=per_param)
+    options["prefetch"]["offload_capturable"] = True
+    worst = _compare(model, options, lambda: torch.randint(0, 64, (2, 12)))
     assert max(worst) <= 1e-5, worst
 
 

@@ -83,6 +83,30 @@ def test_equals_inductor_over_replays(mode, group, num, step, poison):
     )
 
 
+@pytest.mark.parametrize(("group", "step"), [(1, 2), (2, 1)])
+def test_capturable_model_captured_by_hand_equals_inductor(group, step):
+    """With ``offload_capturable`` a default-mode compile can be captured outside Inductor, as
+    a serving framework's CUDA-graph wrapper does: 10 replays with fresh inputs copied into the
+    captured input equal the un-offloaded compiled model, with poisoned slots."""
+    torch.manual_seed(0)
+    model = LlamaShaped(layers=8, dim=256, heads=8, kv_heads=4, hidden=512, vocab=VOCAB).cuda()
+    reference = torch.compile(clone_model(model))
+    options = prefetch_options(group, 1, step, poison_slots=True)
+    options["prefetch"]["offload_capturable"] = True
+    offloaded = torch.compile(model, backend="offload", options=options)
+    ids = torch.randint(0, VOCAB, (2, 64), device="cuda")
+    with torch.no_grad():
+        for _ in range(3):  # compile, warm up
+            offloaded(ids)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = offloaded(ids)
+        for _ in range(10):
+            ids.copy_(torch.randint(0, VOCAB, (2, 64), device="cuda"))
+            graph.replay()
+            torch.testing.assert_close(out.clone(), reference(ids), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_graph_break_between_layers_over_replays(mode):
     """Two graphs per forward; each joins its copies, the second prefetches for the first."""
