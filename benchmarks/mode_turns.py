@@ -20,7 +20,8 @@ slots and copy stream. The variants, timed in this order turn after turn:
 - ``default+rejoin+graph``: default mode compiled with the schedule the backend gives CUDA
   graphs (copies joined at the end, next-call copies at the top), each token count's call
   captured by hand into one ``torch.cuda.CUDAGraph`` and replayed: a CUDA graph without
-  cudagraph trees;
+  cudagraph trees (what ``prefetch.offload_capturable`` gives users; here the schedule is
+  forced by a patch, as the variants must share one configuration and so one runtime);
 - ``default+rejoin+graph+clear``: the same, captured with cuBLAS's workspaces cleared as
   cudagraph trees do;
 - ``default+rejoin``: the same compile run eagerly;
@@ -30,7 +31,9 @@ Taking turns is safe only in this order. The runtime's bookkeeping of which laye
 holds is updated by the ops that run in Python, never by a CUDA-graph replay; the two
 CUDA-graph schedules (captured and ``default+rejoin``) end every forward in the same slot
 state, ``default`` re-copies any slot that state does not give it, and every slot that a
-replay after ``default`` reads without copying it is one that ``default`` leaves filled. After
+replay after ``default`` reads without copying it is one that ``default`` leaves filled (at a
+cost: ``default`` copies its first offloaded layer again at the start of each run, about one
+layer's copy per run, so compare it with long runs, ``--min-run-s 3``). After
 the timed runs one more turn checks the outputs: every variant's must equal its own output
 right after its warm-up (the layers' weights are scaled apart, so a slot that held another
 layer's weights shows); its distance to the uncompiled model's and to default mode's output
@@ -138,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if "default" not in args.variants or not set(args.variants) <= set(VARIANTS):
+        parser.error(f"--variants: a subsequence of {VARIANTS} with default")
     device = torch.device("cuda", torch.cuda.current_device())
     spec = {"shape": LLAMA_8B, "layers": args.layers, "tokens": args.tokens}
     options = {"prefetch": args.config[0]}
@@ -148,8 +153,6 @@ def main(argv: list[str] | None = None) -> int:
                 param.mul_(1 + 0.02 * i)
     place_model(model, options, device)
     hosts = [h for h in map(host_copy, model.parameters()) if h is not None]
-    if "default" not in args.variants or not set(args.variants) <= set(VARIANTS):
-        parser.error(f"--variants: a subsequence of {VARIANTS} with default")
     calls: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     for variant in [v for v in VARIANTS if v in args.variants]:
         # a backend object of its own, so Dynamo does not reuse another variant's compile

@@ -74,17 +74,23 @@ def _copy_ms(src: torch.Tensor, dst: torch.Tensor) -> float:
     return _timed_ms(lambda: dst.copy_(src, non_blocking=True))
 
 
+def _forked_copies(srcs: list[torch.Tensor], dst: torch.Tensor, side: torch.cuda.Stream) -> None:
+    """Copy ``srcs`` into ``dst`` one after another on ``side``, forked from and joined into
+    the current stream (as the backend's copy stream is)."""
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for src in srcs:
+            dst.copy_(src, non_blocking=True)
+    torch.cuda.current_stream().wait_stream(side)
+
+
 def _graph_copies(srcs: list[torch.Tensor], dst: torch.Tensor, graphs: int, repeats: int) -> dict:
     """GB/s of copying ``srcs`` into ``dst`` eagerly and in each of ``graphs`` recordings."""
     side = torch.cuda.Stream()
     nbytes = sum(s.nbytes for s in srcs)
 
     def copies() -> None:
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for src in srcs:
-                dst.copy_(src, non_blocking=True)
-        torch.cuda.current_stream().wait_stream(side)
+        _forked_copies(srcs, dst, side)
 
     recorded = []
     for _ in range(graphs):
@@ -104,18 +110,10 @@ def _stream_copies(srcs: list[torch.Tensor], dst: torch.Tensor, streams: int, re
     """GB/s of copying ``srcs`` into ``dst`` on each of ``streams`` streams, timed in turns."""
     nbytes = sum(s.nbytes for s in srcs)
     pool = [torch.cuda.Stream(priority=0 if i < streams // 2 else -1) for i in range(streams)]
-
-    def copies(stream: torch.cuda.Stream) -> None:
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for src in srcs:
-                dst.copy_(src, non_blocking=True)
-        torch.cuda.current_stream().wait_stream(stream)
-
     times: list[list[float]] = [[] for _ in pool]
     for _ in range(repeats + 1):  # the first round untimed
         for i, stream in enumerate(pool):
-            times[i].append(_timed_ms(lambda stream=stream: copies(stream)))
+            times[i].append(_timed_ms(lambda stream=stream: _forked_copies(srcs, dst, stream)))
     per_stream = [
         {
             "stream_id": stream.stream_id,
