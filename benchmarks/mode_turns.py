@@ -40,7 +40,10 @@ layer's weights shows); its distance to the uncompiled model's and to default mo
 (different compiles round differently) is recorded.
 
 ``mode_turns.json`` holds every run, the medians, the per-turn ratio of each variant to
-``default``, and the copy floor of the model's offloaded tensors.
+``default``, and the copy floor of the model's offloaded tensors. With ``--profile N``, N calls
+of each variant are then profiled in turn and ``profile-<variant>-<tokens>.json`` holds
+`benchmarks.profile_offload`'s summary of them (copy engine busy and idle, memsets, the
+kernels run most often).
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ from benchmarks.offload_bench import (
     copy_floor_ms,
     time_calls,
 )
-from benchmarks.profile_offload import _forced_rejoin
+from benchmarks.profile_offload import _forced_rejoin, summarise
 from offload_compiler import backend, place_model
 from offload_compiler.pool import host_copy
 
@@ -120,6 +123,19 @@ def captured(call: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, cl
     return replay
 
 
+def profiled(run: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, calls: int) -> dict:
+    """`profile_offload.summarise` of ``calls`` back-to-back calls under the PyTorch profiler
+    (CUDA activities, replayed graph nodes included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            run(ids)
+        torch.cuda.synchronize()
+    return summarise(prof, calls)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -138,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         type=lambda s: [float(t) for t in s.split(",")],
         default=[0.5],
         help="shortest timed run, seconds; several (comma-separated) time the turns again",
+    )
+    parser.add_argument(
+        "--profile", type=int, default=0, help="calls of each variant to profile after timing"
     )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -183,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
                 floor_before = copy_floor_ms(hosts, device)
                 times = time_calls(runs, ids, True, args.runs, min_run_s)
                 timed[min_run_s] = (times, (floor_before + copy_floor_ms(hosts, device)) / 2)
+            if args.profile:
+                for variant, run in runs.items():  # in turn order, as timed
+                    summary = profiled(run, ids, args.profile)
+                    name = f"{variant}-{tokens}"
+                    (args.out / f"profile-{name}.json").write_text(json.dumps(summary, indent=1))
             # one more turn: each variant's output must not have changed since its warm-up
             # (the same kernels; the layers' weights are scaled apart, so a slot that held
             # another layer's weights shows)

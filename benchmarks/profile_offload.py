@@ -14,6 +14,8 @@ replayed from a CUDA graph) and writes ``<mode>-<tokens>.json`` with:
 - ``copy_idle``: the gaps between consecutive copies, largest first, each with the compute
   kernels that ran inside it (what the next copy was waiting for);
 - ``compute_busy_ms`` and the largest gaps on the compute streams (what compute waited for);
+- the memsets (count and time per call: cuBLAS may need some for split-K kernels) and the
+  kernels run most often, by name;
 - the effective bandwidth of the copies (bytes / time each copy ran), and that of the floor;
 
 and a Chrome trace ``<mode>-<tokens>.trace.json.gz`` to look at.
@@ -33,6 +35,7 @@ import itertools
 import json
 import statistics
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,7 +81,11 @@ def summarise(prof, calls: int, top: int = 12) -> dict:
             compute_gaps.append({"ms": (start - end) / 1e3, "after": name[:80], "before": nxt[:80]})
     compute_gaps.sort(key=lambda g: -g["ms"])
     copy_busy = sum(e - s for s, e, _, _ in copies) / 1e3
+    memsets = _spans(e for e in cuda if "memset" in e.name.lower())
     return {
+        "memset_count_per_call": len(memsets) / calls,
+        "memset_busy_ms_per_call": sum(e - s for s, e, _, _ in memsets) / 1e3 / calls,
+        "kernel_names_most_run": Counter(k[2][:80] for k in kernels).most_common(top),
         "copy_count_per_call": len(copies) / calls,
         "copy_names": sorted({c[2] for c in copies}),
         "copy_busy_ms_per_call": copy_busy / calls,

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from benchmarks.offload_bench import analyse, markdown
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,3 +110,37 @@ def test_a_paired_cell_with_several_models_per_mode_compares_the_modes_means():
     row = next(line for line in table.splitlines() if "(2 models)" in line)
     assert row.startswith("| offload 2/1 step 2 paired | reduce-overhead (2 models) vs default")
     assert row.endswith("(+1.0%) |")
+
+
+def test_profile_summary_counts_copies_gaps_memsets_and_kernels_per_call():
+    """profile_offload.summarise on a made-up trace of two calls: copies, the gap between two
+    copies with the kernel inside it, memsets (left out of the kernels) and kernel names."""
+    from types import SimpleNamespace
+
+    from benchmarks.profile_offload import summarise
+
+    def event(name: str, start: float, end: float) -> SimpleNamespace:  # times in µs
+        return SimpleNamespace(
+            name=name,
+            device_type=torch.autograd.DeviceType.CUDA,
+            device_index=0,
+            time_range=SimpleNamespace(start=start, end=end),
+        )
+
+    copy = "Memcpy HtoD (Pinned -> Device)"
+    trace = [
+        event(copy, 0, 1000),
+        event("Memset (Device)", 1000, 1002),
+        event("gemv_splitK", 1100, 1400),
+        event(copy, 1500, 2500),  # 500 µs after the first copy, the gemv ran in between
+        event("gemv_splitK", 2600, 2700),
+        event("rmsnorm", 2700, 2710),
+    ]
+    summary = summarise(SimpleNamespace(events=lambda: trace), calls=2)
+    assert summary["copy_count_per_call"] == 1.0
+    assert summary["copy_busy_ms_per_call"] == 1.0
+    assert summary["copy_idle_ms_per_call"] == 0.25
+    assert summary["copy_idle_largest"][0]["kernels"] == ["gemv_splitK"]
+    assert summary["memset_count_per_call"] == 0.5
+    assert summary["kernel_names_most_run"] == [("gemv_splitK", 2), ("rmsnorm", 1)]
+    assert summary["kernel_count_per_call"] == 1.5
