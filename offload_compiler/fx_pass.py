@@ -149,7 +149,7 @@ class OffloadPrefetchPass:
         spans.sort(key=operator.itemgetter(0))
 
         is_anchor = _anchor_test(input_storages)
-        costs = {node: _node_cost(node) for node in graph.nodes}
+        work = _WorkEstimate(graph)
         span_start = {key: first for _, key, first, _, _ in spans}
         started_after = _units_started_after(spans, next_params, order)
         top_of_graph = dict(tokens)  # runtime -> node after which graph-top starts go
@@ -173,7 +173,7 @@ class OffloadPrefetchPass:
                     self.rejoin
                     and target_first is not None
                     and order[target_first] < order[first]
-                    and _work(graph, costs, None, target_first) > _work(graph, costs, last, None)
+                    and work.before(target_first) > work.after(last)
                 ):
                     # A copy for the next forward that would start with less work left in
                     # this graph than comes before its reader in the next one: under CUDA
@@ -270,26 +270,35 @@ class UVAFetchPass:
         return Rewrite(new_gm, [], 0)
 
 
-def _work(
-    graph: fx.Graph, costs: dict[fx.Node, float], after: fx.Node | None, before: fx.Node | None
-) -> float:
-    """Estimated run time of the nodes strictly between ``after`` and ``before`` (None: the
-    graph's ends), in bytes of memory traffic: how much compute a copy started there can hide
+class _WorkEstimate:
+    """Estimated run time of the nodes before or after a node of the graph as it was before
+    the rewrite, in bytes of memory traffic: how much compute a copy started there can hide
     behind.
 
     Counted per node on a roofline (see `_node_cost`), not as a number of nodes: the tail of a
     language model is one or two nodes (norm, lm_head) but as long as two or three decoder
     layers, and a count of nodes once started the copies for the next call at the top of it
-    while the copy engine idled through that tail (measured on an H100, issue #7).
+    while the copy engine idled through that tail (measured on an H100, issue #7). Prefix sums
+    over the original nodes: the nodes the rewrite adds cost nothing, so they change no sum.
     """
-    total, counting = 0.0, after is None
-    for node in graph.nodes:
-        if node is before:
-            break
-        if counting:
-            total += costs.get(node, 0.0)  # nodes added by the rewrite cost nothing
-        counting = counting or node is after
-    return total
+
+    def __init__(self, graph: fx.Graph) -> None:
+        self._before: dict[fx.Node, float] = {}
+        self._cost: dict[fx.Node, float] = {}
+        total = 0.0
+        for node in graph.nodes:
+            self._before[node] = total
+            self._cost[node] = _node_cost(node)
+            total += self._cost[node]
+        self._total = total
+
+    def before(self, node: fx.Node) -> float:
+        """Work of the nodes strictly before ``node``."""
+        return self._before[node]
+
+    def after(self, node: fx.Node) -> float:
+        """Work of the nodes strictly after ``node``."""
+        return self._total - self._before[node] - self._cost[node]
 
 
 # bf16 dense matmul throughput over memory bandwidth of current GPUs (H100: about 990 TFLOP/s
