@@ -25,7 +25,6 @@ activities on a copy engine, or kernels).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 from pathlib import Path
@@ -158,31 +157,19 @@ def captured(pipe: Pipeline, copies: bool, compute: bool):
 
 
 def profile_kinds(step, device: torch.device) -> dict:
-    """What the profiler recorded for one step: memcpy activities and kernels, with their
-    total time, and the largest time between two consecutive copies."""
+    """What the profiler recorded for one step (`benchmarks.profile_offload.summarise`): the
+    host-to-device copies (memcpy activities on a copy engine) and the kernels, by name, with
+    their time and the gaps between copies."""
     from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.profile_offload import summarise
 
     step()
     torch.cuda.synchronize(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize(device)
-    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    memcpy = sorted(
-        (e for e in events if "memcpy" in e.name.lower()), key=lambda e: e.time_range.start
-    )
-    kernels = [e for e in events if "memcpy" not in e.name.lower()]
-    gaps = [(b.time_range.start - a.time_range.end) / 1e3 for a, b in itertools.pairwise(memcpy)]
-    return {
-        "memcpy_count": len(memcpy),
-        "memcpy_names": sorted({e.name for e in memcpy}),
-        "memcpy_busy_ms": sum(e.time_range.elapsed_us() for e in memcpy) / 1e3,
-        "kernel_count": len(kernels),
-        "kernel_names": sorted({e.name for e in kernels})[:12],
-        "kernel_busy_ms": sum(e.time_range.elapsed_us() for e in kernels) / 1e3,
-        "copy_gap_ms_total": sum(g for g in gaps if g > 0),
-        "copy_gap_ms_max": max(gaps, default=0.0),
-    }
+    return summarise(prof, calls=1)
 
 
 def main(argv: list[str] | None = None) -> int:
