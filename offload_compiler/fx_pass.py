@@ -98,9 +98,10 @@ class OffloadPrefetchPass:
             prefetch_of[key] = read.prefetch
             next_params[key] = read.prefetch_params
         order = {node: i for i, node in enumerate(graph.nodes)}
+        computed = _computed_tensors(graph)
         spans = []
         for key, params in layer_params.items():
-            reads = _slot_reads(graph, params, {_storage(p) for p in params})
+            reads = _slot_reads(computed, params, {_storage(p) for p in params})
             users = {user for node in reads for user in node.users}
             if any(user.op == "output" for user in users):
                 raise UnsupportedGraphError(
@@ -397,8 +398,26 @@ def _storage(node: fx.Node) -> StorageWeakRef | None:
     return None
 
 
+_Computed = tuple[fx.Node, StorageWeakRef | None, list[fx.Node]]
+
+
+def _computed_tensors(graph: fx.Graph) -> list[_Computed]:
+    """Every node but the placeholders, in graph order, with the storage of its value and its
+    tensor inputs: what `_slot_reads` looks at, worked out once per graph rather than once per
+    layer and parameter."""
+    computed = []
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            continue
+        inputs = [
+            i for i in node.all_input_nodes if isinstance(i.meta.get("example_value"), torch.Tensor)
+        ]
+        computed.append((node, _storage(node), inputs))
+    return computed
+
+
 def _slot_reads(
-    graph: fx.Graph, slots: list[fx.Node], storages: set[StorageWeakRef]
+    computed: list[_Computed], slots: list[fx.Node], storages: set[StorageWeakRef]
 ) -> set[fx.Node]:
     """Nodes whose values are the layer's slots or computed from them alone.
 
@@ -408,13 +427,8 @@ def _slot_reads(
     any of them.
     """
     reads = set(slots)
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            continue
-        inputs = [
-            i for i in node.all_input_nodes if isinstance(i.meta.get("example_value"), torch.Tensor)
-        ]
-        if _storage(node) in storages or (inputs and all(i in reads for i in inputs)):
+    for node, storage, inputs in computed:
+        if storage in storages or (inputs and all(i in reads for i in inputs)):
             reads.add(node)
     return reads
 
