@@ -68,7 +68,7 @@ from benchmarks.offload_bench import (
     copy_floor_ms,
     time_calls,
 )
-from benchmarks.profile_offload import _forced_rejoin, summarise
+from benchmarks.profile_offload import summarise
 from offload_compiler import backend, place_model
 from offload_compiler.pool import host_copy
 
@@ -82,6 +82,25 @@ VARIANTS = [
     "default+rejoin",
     "default",
 ]
+
+
+@contextlib.contextmanager
+def _forced_rejoin(force: bool) -> Iterator[None]:
+    """Compile with the CUDA-graph schedule (``rejoin``) whatever the mode: what
+    ``prefetch.offload_capturable`` does, but without changing the configuration, which the
+    variants must share (one configuration, one runtime)."""
+    original = backend.OffloadPrefetchPass
+
+    class Rejoin(original):
+        def __init__(self, reads: dict, rejoin: bool, per_param: bool = False) -> None:
+            super().__init__(reads, True, per_param)
+
+    if force:
+        backend.OffloadPrefetchPass = Rejoin  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        backend.OffloadPrefetchPass = original  # type: ignore[misc]
 
 
 @contextlib.contextmanager

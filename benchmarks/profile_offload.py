@@ -22,21 +22,20 @@ and a Chrome trace ``<mode>-<tokens>.trace.json.gz`` to look at.
 
 A mode may carry a suffix: ``reduce-overhead.2`` is a second model in the same mode (its own
 CUDA graph recordings), ``default+rejoin`` runs default mode with the schedule the backend gives
-graphs that run as CUDA graphs (copies joined at the end, next-call copies at the top), which
-tells what the schedule costs from what the CUDA graph costs.
+graphs that run as CUDA graphs (``prefetch.offload_capturable``: copies joined at the end,
+next-call copies at the top), which tells what the schedule costs from what the CUDA graph
+costs.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gzip
 import itertools
 import json
 import statistics
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -49,7 +48,6 @@ from benchmarks.offload_bench import (
     prepare,
     time_calls,
 )
-from offload_compiler import backend
 
 
 def _spans(events) -> list[tuple[float, float, str, int]]:
@@ -102,23 +100,6 @@ def summarise(prof, calls: int, top: int = 12) -> dict:
     }
 
 
-@contextlib.contextmanager
-def _forced_rejoin(force: bool) -> Iterator[None]:
-    """Compile with the CUDA-graph schedule (``rejoin``) whatever the mode."""
-    original = backend.OffloadPrefetchPass
-
-    class Rejoin(original):
-        def __init__(self, reads: dict, rejoin: bool, per_param: bool = False) -> None:
-            super().__init__(reads, True, per_param)
-
-    if force:
-        backend.OffloadPrefetchPass = Rejoin  # type: ignore[misc]
-    try:
-        yield
-    finally:
-        backend.OffloadPrefetchPass = original  # type: ignore[misc]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -141,15 +122,16 @@ def main(argv: list[str] | None = None) -> int:
         spec = {
             "method": "offload",
             "mode": mode.partition("+")[0].partition(".")[0],
-            "prefetch": args.config[0],
+            # +rejoin: the CUDA-graph schedule in default mode
+            "prefetch": {**args.config[0], "offload_capturable": mode.endswith("+rejoin")},
             "shape": LLAMA_8B,
             "layers": args.layers,
             "tokens": args.tokens,
             "device": str(device),
         }
-        with _forced_rejoin(mode.endswith("+rejoin")), torch.no_grad():
+        with torch.no_grad():
             models[mode] = prepare(spec, device, torch.bfloat16, lock)
-            for ids in inputs.values():  # compiles happen here, under the forced schedule
+            for ids in inputs.values():  # compiles happen here
                 for _ in range(3):
                     models[mode][0](ids)
     for tokens, ids in inputs.items():
