@@ -160,16 +160,11 @@ def profile_kinds(step, device: torch.device) -> dict:
     """What the profiler recorded for one step (`benchmarks.profile_offload.summarise`): the
     host-to-device copies (memcpy activities on a copy engine) and the kernels, by name, with
     their time and the gaps between copies."""
-    from torch.profiler import ProfilerActivity, profile
+    from benchmarks.profile_offload import profiled_calls, summarise
 
-    from benchmarks.profile_offload import summarise
-
-    step()
-    torch.cuda.synchronize(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize(device)
-    return summarise(prof, calls=1)
+    with torch.cuda.device(device):
+        step()  # warm-up
+        return summarise(profiled_calls(step, 1), calls=1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,7 +68,7 @@ from benchmarks.offload_bench import (
     copy_floor_ms,
     time_calls,
 )
-from benchmarks.profile_offload import summarise
+from benchmarks.profile_offload import profiled_calls, summarise
 from offload_compiler import backend, place_model
 from offload_compiler.pool import host_copy
 
@@ -142,19 +142,6 @@ def captured(call: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, cl
     return replay
 
 
-def profiled(run: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, calls: int) -> dict:
-    """`profile_offload.summarise` of ``calls`` back-to-back calls under the PyTorch profiler
-    (CUDA activities, replayed graph nodes included)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            run(ids)
-        torch.cuda.synchronize()
-    return summarise(prof, calls)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -223,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                 timed[min_run_s] = (times, (floor_before + copy_floor_ms(hosts, device)) / 2)
             if args.profile:
                 for variant, run in runs.items():  # in turn order, as timed
-                    summary = profiled(run, ids, args.profile)
+                    prof = profiled_calls(functools.partial(run, ids), args.profile)
+                    summary = summarise(prof, args.profile)
                     name = f"{variant}-{tokens}"
                     (args.out / f"profile-{name}.json").write_text(json.dumps(summary, indent=1))
             # one more turn: each variant's output must not have changed since its warm-up

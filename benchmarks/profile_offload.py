@@ -30,12 +30,14 @@ costs.
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import itertools
 import json
 import statistics
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -100,6 +102,19 @@ def summarise(prof, calls: int, top: int = 12) -> dict:
     }
 
 
+def profiled_calls(run: Callable[[], object], calls: int):
+    """The PyTorch profiler (CUDA activities, replayed graph nodes included) over ``calls``
+    back-to-back ``run()``, between two device syncs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            run()
+        torch.cuda.synchronize()
+    return prof
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -112,7 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=3)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    from torch.profiler import ProfilerActivity, profile
 
     device = torch.device("cuda", torch.cuda.current_device())
     lock = GpuLock(Path(tempfile.mkstemp()[1]))
@@ -141,11 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode, (call, moved, hosts) in models.items():
             floor = copy_floor_ms(hosts, device)
             with torch.no_grad():
-                torch.cuda.synchronize(device)
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(args.calls):
-                        call(ids)
-                    torch.cuda.synchronize(device)
+                prof = profiled_calls(functools.partial(call, ids), args.calls)
             summary = {
                 "mode": mode,
                 "config": args.config[0],
