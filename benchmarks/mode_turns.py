@@ -24,6 +24,11 @@ slots and copy stream. The variants, timed in this order turn after turn:
   forced by a patch, as the variants must share one configuration and so one runtime);
 - ``default+rejoin+graph+clear``: the same, captured with cuBLAS's workspaces cleared as
   cudagraph trees do;
+- ``default+rejoin+graph+trees``: the same, warmed up and captured in the context cudagraph
+  trees record in (a stream of their own, a memory pool shared by the warm-up and the capture,
+  cuBLAS's workspaces cleared around both, thread-local capture errors, the RNG state kept):
+  if this is as slow as ``reduce-overhead`` while ``+clear`` is not, the cost is in that
+  context and not in trees' replay;
 - ``default+rejoin``: the same compile run eagerly;
 - ``default``: default mode.
 
@@ -79,6 +84,7 @@ VARIANTS = [
     "reduce-overhead+nopartition",
     "default+rejoin+graph",
     "default+rejoin+graph+clear",
+    "default+rejoin+graph+trees",
     "default+rejoin",
     "default",
 ]
@@ -125,14 +131,36 @@ def _distance(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> float:
     return ((a - b).abs().max() / scale).item()
 
 
-def captured(call: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, clear: bool):
-    """``call(ids)`` recorded into one CUDA graph by hand (with cuBLAS's workspaces cleared
-    around it if ``clear``); the callable replays it (whatever ids it is given) and returns the
-    recording's output tensor."""
+def captured(call: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, how: str):
+    """``call(ids)`` recorded into one CUDA graph by hand; the callable replays it (whatever ids
+    it is given) and returns the recording's output tensor. ``how`` is ``""`` (a plain
+    ``torch.cuda.graph``), ``"clear"`` (cuBLAS's workspaces cleared around the capture) or
+    ``"trees"`` (one more warm-up and the capture in cudagraph trees' recording context)."""
     graph = torch.cuda.CUDAGraph()
     torch.cuda.synchronize()
-    clearing = cudagraph_trees.clear_cublas_manager
-    with clearing() if clear else contextlib.nullcontext(), torch.cuda.graph(graph):
+    if how == "trees":  # as CUDAGraphTreeManager.__init__, CUDAWarmupNode.run and _record do
+        stream, pool = torch.cuda.Stream(), torch.cuda.graph_pool_handle()
+        empty = torch.cuda.CUDAGraph()  # the pool exists once a capture used it
+        with torch.cuda.graph(empty, pool=pool, stream=stream, capture_error_mode="thread_local"):
+            pass
+        device = torch.cuda.current_device()
+        with (
+            cudagraph_trees.clear_cublas_manager(),
+            cudagraph_trees._use_cuda_memory_pool_manager(device, pool, stream),
+        ):
+            call(ids)
+        torch.cuda.synchronize()
+        capture = torch.cuda.graph(
+            graph, stream=stream, pool=pool, capture_error_mode="thread_local"
+        )
+        context = [cudagraph_trees.preserve_rng_state(), cudagraph_trees.clear_cublas_manager()]
+    else:
+        capture = torch.cuda.graph(graph)
+        context = [cudagraph_trees.clear_cublas_manager()] if how == "clear" else []
+    with contextlib.ExitStack() as stack:
+        for manager in context:
+            stack.enter_context(manager)
+        stack.enter_context(capture)
         out = call(ids)
 
     def replay(_: torch.Tensor) -> torch.Tensor:
@@ -199,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                 # captured right after its own warm-up, which joined its copies: nothing
                 # another variant started is pending
                 by_hand = "+graph" in variant
-                runs[variant] = captured(call, ids, variant.endswith("+clear")) if by_hand else call
+                how = variant.rpartition("+graph")[2].lstrip("+")
+                runs[variant] = captured(call, ids, how) if by_hand else call
                 first[variant] = runs[variant](ids).float()
                 partitions = torch._dynamo.utils.counters["inductor"]["cudagraph_partitions"]
                 print(f"{variant}: {partitions} cudagraph partitions so far", flush=True)
@@ -211,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.profile:
                 for variant, run in runs.items():  # in turn order, as timed
                     prof = profiled_calls(functools.partial(run, ids), args.profile)
-                    summary = summarise(prof, args.profile)
+                    summary = summarise(prof, args.profile, top=40)
                     name = f"{variant}-{tokens}"
                     (args.out / f"profile-{name}.json").write_text(json.dumps(summary, indent=1))
             # one more turn: each variant's output must not have changed since its warm-up
