@@ -32,7 +32,8 @@ slots and copy stream. The variants, timed in this order turn after turn:
 - ``default+rejoin``: the same compile run eagerly;
 - ``default``: default mode.
 
-Taking turns is safe only in this order. The runtime's bookkeeping of which layer each slot
+Taking turns is safe only in this order, and with ``default+rejoin`` among the variants
+whenever a CUDA-graph variant is (checked). The runtime's bookkeeping of which layer each slot
 holds is updated by the ops that run in Python, never by a CUDA-graph replay; the two
 CUDA-graph schedules (captured and ``default+rejoin``) end every forward in the same slot
 state, ``default`` re-copies any slot that state does not give it, and every slot that a
@@ -45,8 +46,9 @@ layer's weights shows); its distance to the uncompiled model's and to default mo
 (different compiles round differently) is recorded.
 
 ``mode_turns.json`` holds every run, the medians, the per-turn ratio of each variant to
-``default``, and the copy floor of the model's offloaded tensors. With ``--profile N``, N calls
-of each variant are then profiled in turn and ``profile-<variant>-<tokens>.json`` holds
+``default``, the copy floor of the model's offloaded tensors, and per variant one more run's
+time per call until the calls returned to Python and until the device finished. With ``--profile N``, N calls
+of each variant are then profiled in turn and ``profile-<tokens>.json`` holds, per variant,
 `benchmarks.profile_offload`'s summary of them (copy engine busy and idle, memsets, the
 kernels run most often).
 """
@@ -57,7 +59,9 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import statistics
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -143,12 +147,17 @@ def captured(call: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, ho
         empty = torch.cuda.CUDAGraph()  # the pool exists once a capture used it
         with torch.cuda.graph(empty, pool=pool, stream=stream, capture_error_mode="thread_local"):
             pass
+        # the warm-up allocates from the pool on trees' stream (_use_cuda_memory_pool_manager,
+        # less its torch.device context, which would make Dynamo recompile the model)
         device = torch.cuda.current_device()
-        with (
-            cudagraph_trees.clear_cublas_manager(),
-            cudagraph_trees._use_cuda_memory_pool_manager(device, pool, stream),
-        ):
-            call(ids)
+        stream.wait_stream(torch.cuda.current_stream())
+        with cudagraph_trees.clear_cublas_manager(), torch.cuda.stream(stream):
+            torch._C._cuda_beginAllocateCurrentThreadToPool(device, pool)
+            try:
+                call(ids)
+            finally:
+                torch._C._cuda_endAllocateToPool(device, pool)
+                torch._C._cuda_releasePool(device, pool)
         torch.cuda.synchronize()
         capture = torch.cuda.graph(
             graph, stream=stream, pool=pool, capture_error_mode="thread_local"
@@ -168,6 +177,27 @@ def captured(call: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, ho
         return out
 
     return replay
+
+
+def _return_ms(
+    run: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, ms: float, min_run_s: float
+) -> dict[str, float]:
+    """One run of back-to-back calls (as many as a timed run of a call of ``ms``): ms per call
+    until the last call returned to Python, and until the device finished. The first is near
+    the second only if something in the call waits for the device (a sync, or a full launch
+    queue); where it is much less, the host ran ahead and the device never waited for it."""
+    count = max(3, math.ceil(min_run_s * 1e3 / ms))
+    torch.cuda.synchronize()
+    begin = time.perf_counter()
+    for _ in range(count):
+        run(ids)
+    returned = time.perf_counter()
+    torch.cuda.synchronize()
+    done = time.perf_counter()
+    return {
+        "returned_ms_per_call": (returned - begin) * 1e3 / count,
+        "done_ms_per_call": (done - begin) * 1e3 / count,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if "default" not in args.variants or not set(args.variants) <= set(VARIANTS):
         parser.error(f"--variants: a subsequence of {VARIANTS} with default")
+    graphs = [v for v in args.variants if v.startswith("reduce-overhead") or "+graph" in v]
+    if graphs and "default+rejoin" not in args.variants:
+        # a replay leaves its slots as the CUDA-graph schedule does without telling the
+        # runtime; default+rejoin, run in Python, brings the runtime's bookkeeping back in line
+        # before default's turn (without it default reads a slot it thinks it filled)
+        parser.error(f"--variants: {graphs} need default+rejoin between them and default")
     device = torch.device("cuda", torch.cuda.current_device())
     spec = {"shape": LLAMA_8B, "layers": args.layers, "tokens": args.tokens}
     options = {"prefetch": args.config[0]}
@@ -237,20 +273,22 @@ def main(argv: list[str] | None = None) -> int:
                 floor_before = copy_floor_ms(hosts, device)
                 times = time_calls(runs, ids, True, args.runs, min_run_s)
                 timed[min_run_s] = (times, (floor_before + copy_floor_ms(hosts, device)) / 2)
+            returns = {  # in turn order, as timed
+                variant: _return_ms(run, ids, statistics.median(times[variant]), min_run_s)
+                for variant, run in runs.items()
+            }
             if args.profile:
+                profiles = {}
                 for variant, run in runs.items():  # in turn order, as timed
                     prof = profiled_calls(functools.partial(run, ids), args.profile)
-                    summary = summarise(prof, args.profile, top=40)
-                    name = f"{variant}-{tokens}"
-                    (args.out / f"profile-{name}.json").write_text(json.dumps(summary, indent=1))
+                    profiles[variant] = summarise(prof, args.profile, top=40)
+                (args.out / f"profile-{tokens}.json").write_text(json.dumps(profiles, indent=1))
             # one more turn: each variant's output must not have changed since its warm-up
             # (the same kernels; the layers' weights are scaled apart, so a slot that held
             # another layer's weights shows)
             outputs = {variant: run(ids).float() for variant, run in runs.items()}
             distance = functools.partial(_distance, scale=expected.abs().max())
             changed = {v: d for v, o in outputs.items() if (d := distance(o, first[v])) > 1e-6}
-            if changed:
-                raise SystemExit(f"outputs changed after taking turns: {changed}")
             for min_run_s, (times, floor) in timed.items():
                 for variant, ms in times.items():
                     turns = [x / y - 1 for x, y in zip(ms, times["default"], strict=True)]
@@ -268,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                                 outputs[variant], outputs["default"]
                             ),
                             "copy_floor_ms": floor,
+                            "output_changed_by": changed.get(variant, 0.0),
+                            **returns[variant],
                         }
                     )
                     print(json.dumps({k: v for k, v in results[-1].items() if k != "ms_runs"}))
@@ -280,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
     (args.out / "mode_turns.json").write_text(json.dumps(summary, indent=1))
+    changed = {r["variant"] for r in results if r["output_changed_by"]}
+    if changed:
+        raise SystemExit(f"outputs changed after taking turns: {sorted(changed)}")
     return 0
 
 
