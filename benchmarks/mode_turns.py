@@ -47,10 +47,10 @@ layer's weights shows); its distance to the uncompiled model's and to default mo
 
 ``mode_turns.json`` holds every run, the medians, the per-turn ratio of each variant to
 ``default``, the copy floor of the model's offloaded tensors, and per variant one more run's
-time per call until the calls returned to Python and until the device finished. With ``--profile N``, N calls
-of each variant are then profiled in turn and ``profile-<tokens>.json`` holds, per variant,
-`benchmarks.profile_offload`'s summary of them (copy engine busy and idle, memsets, the
-kernels run most often).
+time per call until the calls returned to Python and until the device finished. With
+``--profile N``, N calls of each variant are then profiled in turn and ``profile-<tokens>.json``
+holds, per variant, `benchmarks.profile_offload`'s summary of them (copy engine busy and idle,
+memsets, the kernels run most often).
 """
 
 from __future__ import annotations
