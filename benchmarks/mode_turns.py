@@ -11,6 +11,9 @@ slots and copy stream. The variants, timed in this order turn after turn:
 
 - ``reduce-overhead``, ``reduce-overhead.2``: compiled with ``triton.cudagraphs`` on (what
   ``mode="reduce-overhead"`` sets); two recordings of the same graphs;
+- ``reduce-overhead+replay``: ``reduce-overhead``'s own recording (its cudagraph trees node's
+  ``torch.cuda.CUDAGraph``) replayed directly, without trees' Python around it (their input
+  copy, checks and output bookkeeping): tells a slow recording from a slow replay path;
 - ``reduce-overhead+notrees``: the same compile, wrapped by Inductor's plain ``cudagraphify``
   (``triton.cudagraph_trees`` off: one graph per compiled graph, inputs that are not static
   copied in before each replay) instead of cudagraph trees;
@@ -83,6 +86,7 @@ from offload_compiler.pool import host_copy
 
 VARIANTS = [
     "reduce-overhead",
+    "reduce-overhead+replay",
     "reduce-overhead.2",
     "reduce-overhead+notrees",
     "reduce-overhead+nopartition",
@@ -179,6 +183,29 @@ def captured(call: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, ho
     return replay
 
 
+def _tree_replay(
+    device: torch.device, call: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+    """``call`` (a reduce-overhead compile, just replayed by cudagraph trees) and a replay of
+    the graph trees replayed, their current node's ``torch.cuda.CUDAGraph``, with nothing of
+    trees' replay path around it. That replay returns ``call``'s last output, whose memory
+    (trees' pool) it rewrites: trees do not know of it, so that output stays readable."""
+    node = cudagraph_trees.get_manager(device.index).current_node
+    if not isinstance(node, cudagraph_trees.CUDAGraphNode) or node.graph is None:
+        raise RuntimeError(f"cudagraph trees' current node is not a recorded graph: {node}")
+    last: list[torch.Tensor] = []
+
+    def remembering(ids: torch.Tensor) -> torch.Tensor:
+        last[:] = [call(ids)]
+        return last[0]
+
+    def replay(_: torch.Tensor) -> torch.Tensor:
+        node.graph.replay()
+        return last[0]
+
+    return remembering, replay
+
+
 def _return_ms(
     run: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, ms: float, min_run_s: float
 ) -> dict[str, float]:
@@ -226,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if "default" not in args.variants or not set(args.variants) <= set(VARIANTS):
         parser.error(f"--variants: a subsequence of {VARIANTS} with default")
+    if "reduce-overhead+replay" in args.variants and "reduce-overhead" not in args.variants:
+        parser.error("--variants: reduce-overhead+replay replays reduce-overhead's recording")
     graphs = [v for v in args.variants if v.startswith("reduce-overhead") or "+graph" in v]
     if graphs and "default+rejoin" not in args.variants:
         # a replay leaves its slots as the CUDA-graph schedule does without telling the
@@ -244,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     hosts = [h for h in map(host_copy, model.parameters()) if h is not None]
     calls: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     for variant in [v for v in VARIANTS if v in args.variants]:
+        if variant == "reduce-overhead+replay":
+            continue  # reduce-overhead's recording, taken from trees below
         # a backend object of its own, so Dynamo does not reuse another variant's compile
         compiled = torch.compile(
             model, backend=functools.partial(backend.offload_backend, options=options)
@@ -266,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
                 how = variant.rpartition("+graph")[2].lstrip("+")
                 runs[variant] = captured(call, ids, how) if by_hand else call
                 first[variant] = runs[variant](ids).float()
+                if variant == "reduce-overhead" and "reduce-overhead+replay" in args.variants:
+                    runs[variant], replay = _tree_replay(device, call)
+                    first[variant] = runs[variant](ids).float()
+                    runs["reduce-overhead+replay"] = replay
+                    first["reduce-overhead+replay"] = replay(ids).float()
                 partitions = torch._dynamo.utils.counters["inductor"]["cudagraph_partitions"]
                 print(f"{variant}: {partitions} cudagraph partitions so far", flush=True)
             timed = {}
