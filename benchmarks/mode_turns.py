@@ -14,6 +14,9 @@ slots and copy stream. The variants, timed in this order turn after turn:
 - ``reduce-overhead+replay``: ``reduce-overhead``'s own recording (its cudagraph trees node's
   ``torch.cuda.CUDAGraph``) replayed directly, without trees' Python around it (their input
   copy, checks and output bookkeeping): tells a slow recording from a slow replay path;
+- ``reduce-overhead+replay+copy``: the same with trees' one piece of device work before each
+  replay, the copy of the inputs that are not static into the graph's own (a
+  ``torch._foreach_copy_`` from copies of them made once);
 - ``reduce-overhead+notrees``: the same compile, wrapped by Inductor's plain ``cudagraphify``
   (``triton.cudagraph_trees`` off: one graph per compiled graph, inputs that are not static
   copied in before each replay) instead of cudagraph trees;
@@ -87,6 +90,7 @@ from offload_compiler.pool import host_copy
 VARIANTS = [
     "reduce-overhead",
     "reduce-overhead+replay",
+    "reduce-overhead+replay+copy",
     "reduce-overhead.2",
     "reduce-overhead+notrees",
     "reduce-overhead+nopartition",
@@ -185,14 +189,21 @@ def captured(call: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, ho
 
 def _tree_replay(
     device: torch.device, call: Callable[[torch.Tensor], torch.Tensor]
-) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
-    """``call`` (a reduce-overhead compile, just replayed by cudagraph trees) and a replay of
+) -> tuple[
+    Callable[[torch.Tensor], torch.Tensor], dict[str, Callable[[torch.Tensor], torch.Tensor]]
+]:
+    """``call`` (a reduce-overhead compile, just replayed by cudagraph trees) and replays of
     the graph trees replayed, their current node's ``torch.cuda.CUDAGraph``, with nothing of
-    trees' replay path around it. That replay returns ``call``'s last output, whose memory
-    (trees' pool) it rewrites: trees do not know of it, so that output stays readable."""
+    trees' replay path around them (``+replay``) or with only its input copy (``+replay+copy``).
+    They return ``call``'s last output, whose memory (trees' pool) they rewrite: trees do not
+    know of them, so that output stays readable."""
     node = cudagraph_trees.get_manager(device.index).current_node
     if not isinstance(node, cudagraph_trees.CUDAGraphNode) or node.graph is None:
         raise RuntimeError(f"cudagraph trees' current node is not a recorded graph: {node}")
+    inputs = [node.reconstructed_inputs[i] for i in node.non_static_input_idx]
+    dsts = [t for t in inputs if isinstance(t, torch.Tensor)]
+    srcs = [t.clone() for t in dsts]
+    print(f"trees copy {len(dsts)} inputs before each replay: {[tuple(t.shape) for t in dsts]}")
     last: list[torch.Tensor] = []
 
     def remembering(ids: torch.Tensor) -> torch.Tensor:
@@ -203,7 +214,12 @@ def _tree_replay(
         node.graph.replay()
         return last[0]
 
-    return remembering, replay
+    def copy_and_replay(_: torch.Tensor) -> torch.Tensor:
+        torch._foreach_copy_(dsts, srcs)
+        node.graph.replay()
+        return last[0]
+
+    return remembering, {"+replay": replay, "+replay+copy": copy_and_replay}
 
 
 def _return_ms(
@@ -253,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if "default" not in args.variants or not set(args.variants) <= set(VARIANTS):
         parser.error(f"--variants: a subsequence of {VARIANTS} with default")
-    if "reduce-overhead+replay" in args.variants and "reduce-overhead" not in args.variants:
+    replaying = any(v.startswith("reduce-overhead+replay") for v in args.variants)
+    if replaying and "reduce-overhead" not in args.variants:
         parser.error("--variants: reduce-overhead+replay replays reduce-overhead's recording")
     graphs = [v for v in args.variants if v.startswith("reduce-overhead") or "+graph" in v]
     if graphs and "default+rejoin" not in args.variants:
@@ -273,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     hosts = [h for h in map(host_copy, model.parameters()) if h is not None]
     calls: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     for variant in [v for v in VARIANTS if v in args.variants]:
-        if variant == "reduce-overhead+replay":
+        if variant.startswith("reduce-overhead+replay"):
             continue  # reduce-overhead's recording, taken from trees below
         # a backend object of its own, so Dynamo does not reuse another variant's compile
         compiled = torch.compile(
@@ -297,11 +314,13 @@ def main(argv: list[str] | None = None) -> int:
                 how = variant.rpartition("+graph")[2].lstrip("+")
                 runs[variant] = captured(call, ids, how) if by_hand else call
                 first[variant] = runs[variant](ids).float()
-                if variant == "reduce-overhead" and "reduce-overhead+replay" in args.variants:
-                    runs[variant], replay = _tree_replay(device, call)
+                replays = [v for v in args.variants if v.startswith("reduce-overhead+replay")]
+                if variant == "reduce-overhead" and replays:
+                    runs[variant], direct = _tree_replay(device, call)
                     first[variant] = runs[variant](ids).float()
-                    runs["reduce-overhead+replay"] = replay
-                    first["reduce-overhead+replay"] = replay(ids).float()
+                    for name in sorted(replays, key=VARIANTS.index):
+                        runs[name] = direct[name.removeprefix(variant)]
+                        first[name] = runs[name](ids).float()
                 partitions = torch._dynamo.utils.counters["inductor"]["cudagraph_partitions"]
                 print(f"{variant}: {partitions} cudagraph partitions so far", flush=True)
             timed = {}
