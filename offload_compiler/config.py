@@ -145,8 +145,9 @@ class PrefetchOffloadConfig(_FrozenConfig):
     captured into a CUDA graph outside Inductor, by ``torch.cuda.graph`` or by a serving
     framework's own CUDA-graph wrapper; without it such a capture fails (unjoined work).
     ``mode="reduce-overhead"`` always uses this schedule. On the H100 at decode a model
-    captured by hand ran at its copy floor, 3-5% faster than cudagraph trees replayed the
-    same compiled code (docs/benchmarks.md).
+    captured by hand ran at its copy floor when nothing ran between its replays, 3-5% faster
+    than cudagraph trees; with a copy of new inputs before each replay it was as slow as
+    trees (docs/benchmarks.md, session 7).
     """
 
     def is_offloaded_layer(self, index: int) -> bool:
