@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from benchmarks.offload_bench import analyse, markdown
@@ -144,3 +145,34 @@ def test_profile_summary_counts_copies_gaps_memsets_and_kernels_per_call():
     assert summary["memset_count_per_call"] == 0.5
     assert summary["kernel_names_most_run"] == [("gemv_splitK", 2), ("rmsnorm", 1)]
     assert summary["kernel_count_per_call"] == 1.5
+
+
+@pytest.mark.parametrize(
+    ("variants", "why"),
+    [
+        # a replay leaves the slots without telling the runtime: default would read a stale one
+        ("reduce-overhead,default", "need default+rejoin"),
+        ("default+rejoin+graph,default", "need default+rejoin"),
+        ("reduce-overhead+replay,default+rejoin,default", "replays reduce-overhead's recording"),
+        ("reduce-overhead,default+rejoin", "with default"),
+    ],
+)
+def test_mode_turns_refuses_variant_sets_that_cannot_take_turns(tmp_path, capsys, variants, why):
+    from benchmarks import mode_turns
+
+    with pytest.raises(SystemExit) as exit_:
+        mode_turns.main(["--out", str(tmp_path), "--variants", variants])
+    assert exit_.value.code == 2
+    assert why in capsys.readouterr().err
+
+
+def test_mode_turns_accepts_a_safe_variant_set_up_to_the_device(tmp_path):
+    """A safe set passes the checks and gets as far as asking for the GPU (none on CI)."""
+    from benchmarks import mode_turns
+
+    if torch.cuda.is_available():
+        pytest.skip("would run the benchmark")
+    with pytest.raises((RuntimeError, AssertionError), match=r"(?i)cuda|nvidia|torch not compiled"):
+        mode_turns.main(
+            ["--out", str(tmp_path), "--variants", "reduce-overhead,default+rejoin,default"]
+        )
