@@ -143,7 +143,8 @@ class PrefetchOffloadConfig(_FrozenConfig):
     the copy stream rejoined before the graph returns, and the next forward's first copies
     started at its top rather than at this forward's end. The compiled model can then be
     captured into a CUDA graph outside Inductor, by ``torch.cuda.graph`` or by a serving
-    framework's own CUDA-graph wrapper; without it such a capture fails (unjoined work).
+    framework's own CUDA-graph wrapper; without it such a capture fails with an error naming
+    this option.
     ``mode="reduce-overhead"`` always uses this schedule. On the H100 at decode a model
     captured by hand ran at its copy floor when nothing ran between its replays, 3-5% faster
     than cudagraph trees; with a copy of new inputs before each replay it was as slow as

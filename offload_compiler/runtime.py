@@ -111,7 +111,8 @@ class OffloadRuntime:
         self.host_bytes = sum(t.nbytes for host in self._host for t in host.values())
         # A unit of copying is a whole layer (position, None) or one parameter (position, name).
         self._slot_owner: dict[tuple[int, str], int] = {}  # (slot, name) -> position held
-        self._pending: set[Unit] = set()  # units started and not yet waited for or joined
+        # units started and not yet waited for or joined -> started inside a CUDA graph capture
+        self._pending: dict[Unit, bool] = {}
         self._cuda = device.type == "cuda"
         if self._cuda:
             units: list[Unit] = [(layer.position, None) for layer in plan.layers]
@@ -154,17 +155,38 @@ class OffloadRuntime:
             self._start(layer, name)
         units = [(layer.position, None)]
         units += [(layer.position, n) for n in names] if name is None else [(layer.position, name)]
+        self._check_capture([unit for unit in units if unit in self._pending])
         for unit in units:
-            if unit in self._pending:
-                self._pending.discard(unit)
+            if self._pending.pop(unit, None) is not None:
                 torch.cuda.current_stream(self.device).wait_event(self._done[unit])
 
     def join(self) -> None:
         """Rejoin the copy stream into the compute stream (op join_after_forward)."""
         log.debug("join(): pending %s", sorted(self._pending, key=str))
         if self._pending:
+            self._check_capture(list(self._pending))
             self._pending.clear()
             torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
+
+    def _check_capture(self, units: list[Unit]) -> None:
+        """Refuse to make a CUDA graph capture wait on copies started before it.
+
+        CUDA would invalidate the capture with "dependency created on uncaptured work in another
+        stream". It happens when a compile without the CUDA-graph schedule (default mode
+        without ``prefetch.offload_capturable``), which leaves the next forward's first copies
+        in flight when it returns, is captured by hand.
+        """
+        if not units or not torch.cuda.is_current_stream_capturing():
+            return
+        outside = [unit for unit in units if not self._pending[unit]]
+        if outside:
+            layers = sorted({self.plan.layers[position].index for position, _ in outside})
+            raise RuntimeError(
+                f"offload: a CUDA graph capture would wait on copies of layers {layers} of "
+                f"{self.plan.layers_path} started before it: this model was compiled to leave "
+                "the next forward's copies in flight. To capture it outside Inductor, compile "
+                "with prefetch.offload_capturable=True (mode='reduce-overhead' needs nothing)."
+            )
 
     def _layer(self, layer_index: int) -> OffloadedLayer:
         layer = self.plan.layer_at(layer_index)
@@ -195,7 +217,7 @@ class OffloadRuntime:
             for n in names:
                 slots[n].copy_(host[n], non_blocking=True)
         done.record(self._copy_stream)
-        self._pending.add(unit)
+        self._pending[unit] = torch.cuda.is_current_stream_capturing()
 
 
 _FETCHERS: list[HostFetcher] = []

@@ -107,6 +107,29 @@ def test_capturable_model_captured_by_hand_equals_inductor(group, step):
             torch.testing.assert_close(out.clone(), reference(ids), rtol=1e-4, atol=1e-4)
 
 
+def test_hand_capture_without_capturable_names_the_option_and_keeps_the_model():
+    """A default-mode compile leaves the next forward's copies in flight; captured by hand, its
+    first wait would make the capture depend on them (CUDA invalidates the capture). The
+    runtime refuses first, naming the option, and the model still runs and equals Inductor."""
+    torch.manual_seed(0)
+    model = LlamaShaped(layers=4, dim=128, heads=4, kv_heads=2, hidden=256, vocab=VOCAB).cuda()
+    reference = torch.compile(clone_model(model))
+    offloaded = torch.compile(model, backend="offload", options=prefetch_options(2, 1, 1))
+    ids = torch.randint(0, VOCAB, (1, 16), device="cuda")
+    with torch.no_grad():
+        for _ in range(3):
+            offloaded(ids)
+        graph = torch.cuda.CUDAGraph()
+        with (
+            pytest.raises(RuntimeError, match=r"prefetch\.offload_capturable"),
+            torch.cuda.graph(graph),
+        ):
+            offloaded(ids)
+        torch.cuda.synchronize()
+        for _ in range(3):
+            torch.testing.assert_close(offloaded(ids), reference(ids), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_graph_break_between_layers_over_replays(mode):
     """Two graphs per forward; each joins its copies, the second prefetches for the first."""
