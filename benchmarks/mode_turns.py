@@ -16,7 +16,10 @@ slots and copy stream. The variants, timed in this order turn after turn:
   copy, checks and output bookkeeping): tells a slow recording from a slow replay path;
 - ``reduce-overhead+replay+copy``: the same with trees' one piece of device work before each
   replay, the copy of the inputs that are not static into the graph's own (a
-  ``torch._foreach_copy_`` from copies of them made once);
+  ``torch._foreach_copy_`` from copies of them made once); ``+memcpy``, ``+kernel``,
+  ``+event``: other work between two replays instead (a ``copy_`` of those inputs, a
+  cudaMemcpyAsync; a one-element fill of a tensor the graph does not read; an event recorded
+  and waited on, no device work at all), to tell which work between replays costs time;
 - ``reduce-overhead+notrees``: the same compile, wrapped by Inductor's plain ``cudagraphify``
   (``triton.cudagraph_trees`` off: one graph per compiled graph, inputs that are not static
   copied in before each replay) instead of cudagraph trees;
@@ -30,6 +33,9 @@ slots and copy stream. The variants, timed in this order turn after turn:
   forced by a patch, as the variants must share one configuration and so one runtime);
 - ``default+rejoin+graph+clear``: the same, captured with cuBLAS's workspaces cleared as
   cudagraph trees do;
+- ``default+rejoin+graph+copy``: ``default+rejoin+graph`` with a copy into its captured input
+  before each replay, as a serving loop that writes new inputs does (the same kernel as
+  trees' input copy);
 - ``default+rejoin+graph+trees``: the same, warmed up and captured in the context cudagraph
   trees record in (a stream of their own, a memory pool shared by the warm-up and the capture,
   cuBLAS's workspaces cleared around both, thread-local capture errors, the RNG state kept):
@@ -91,12 +97,16 @@ VARIANTS = [
     "reduce-overhead",
     "reduce-overhead+replay",
     "reduce-overhead+replay+copy",
+    "reduce-overhead+replay+memcpy",
+    "reduce-overhead+replay+kernel",
+    "reduce-overhead+replay+event",
     "reduce-overhead.2",
     "reduce-overhead+notrees",
     "reduce-overhead+nopartition",
     "default+rejoin+graph",
     "default+rejoin+graph+clear",
     "default+rejoin+graph+trees",
+    "default+rejoin+graph+copy",
     "default+rejoin",
     "default",
 ]
@@ -143,11 +153,47 @@ def _distance(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> float:
     return ((a - b).abs().max() / scale).item()
 
 
-def captured(call: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, how: str):
+def _between(kind: str, inputs: list[torch.Tensor]) -> Callable[[], None]:
+    """Work on the current stream between two replays of a graph that reads ``inputs``.
+
+    ``""``: none; ``"copy"``: ``torch._foreach_copy_`` into ``inputs`` from copies of them made
+    once (one kernel: what cudagraph trees do before each replay); ``"memcpy"``: ``copy_`` of
+    each (a cudaMemcpyAsync); ``"kernel"``: a one-element fill of a tensor the graph does not
+    read; ``"event"``: an event recorded and waited on (no device work)."""
+    sources = [t.clone() for t in inputs]
+    scratch = torch.empty(1, device=torch.device("cuda", torch.cuda.current_device()))
+    event = torch.cuda.Event()
+
+    def copy() -> None:
+        if inputs:  # torch._foreach_copy_ refuses empty lists
+            torch._foreach_copy_(inputs, sources)
+
+    def memcpy() -> None:
+        for dst, src in zip(inputs, sources, strict=True):
+            dst.copy_(src)
+
+    def mark() -> None:
+        event.record()
+        torch.cuda.current_stream().wait_event(event)
+
+    kinds = {
+        "": lambda: None,
+        "copy": copy,
+        "memcpy": memcpy,
+        "kernel": lambda: scratch.fill_(0.0),
+        "event": mark,
+    }
+    return kinds[kind]
+
+
+def captured(
+    call: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, how: str
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """``call(ids)`` recorded into one CUDA graph by hand; the callable replays it (whatever ids
     it is given) and returns the recording's output tensor. ``how`` is ``""`` (a plain
-    ``torch.cuda.graph``), ``"clear"`` (cuBLAS's workspaces cleared around the capture) or
-    ``"trees"`` (one more warm-up and the capture in cudagraph trees' recording context)."""
+    ``torch.cuda.graph``), ``"clear"`` (cuBLAS's workspaces cleared around the capture),
+    ``"trees"`` (one more warm-up and the capture in cudagraph trees' recording context) or
+    ``"copy"`` (plain, with a copy into ``ids`` before each replay)."""
     graph = torch.cuda.CUDAGraph()
     torch.cuda.synchronize()
     if how == "trees":  # as CUDAGraphTreeManager.__init__, CUDAWarmupNode.run and _record do
@@ -179,8 +225,10 @@ def captured(call: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, ho
             stack.enter_context(manager)
         stack.enter_context(capture)
         out = call(ids)
+    between = _between("copy" if how == "copy" else "", [ids])
 
     def replay(_: torch.Tensor) -> torch.Tensor:
+        between()
         graph.replay()
         return out
 
@@ -193,8 +241,9 @@ def _tree_replay(
     Callable[[torch.Tensor], torch.Tensor], dict[str, Callable[[torch.Tensor], torch.Tensor]]
 ]:
     """``call`` (a reduce-overhead compile, just replayed by cudagraph trees) and replays of
-    the graph trees replayed, their current node's ``torch.cuda.CUDAGraph``, with nothing of
-    trees' replay path around them (``+replay``) or with only its input copy (``+replay+copy``).
+    the graph trees replayed, their current node's ``torch.cuda.CUDAGraph``, keyed by variant
+    suffix: with nothing of trees' replay path around them (``+replay``) or with only some
+    work before each (``+replay+copy``, trees' input copy, and the others of `_between`).
     They return ``call``'s last output, whose memory (trees' pool) they rewrite: trees do not
     know of them, so that output stays readable."""
     node = cudagraph_trees.get_manager(device.index).current_node
@@ -202,7 +251,6 @@ def _tree_replay(
         raise RuntimeError(f"cudagraph trees' current node is not a recorded graph: {node}")
     inputs = [node.reconstructed_inputs[i] for i in node.non_static_input_idx]
     dsts = [t for t in inputs if isinstance(t, torch.Tensor)]
-    srcs = [t.clone() for t in dsts]
     print(f"trees copy {len(dsts)} inputs before each replay: {[tuple(t.shape) for t in dsts]}")
     last: list[torch.Tensor] = []
 
@@ -210,16 +258,18 @@ def _tree_replay(
         last[:] = [call(ids)]
         return last[0]
 
-    def replay(_: torch.Tensor) -> torch.Tensor:
-        node.graph.replay()
-        return last[0]
+    def replaying(kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        between = _between(kind, dsts)
 
-    def copy_and_replay(_: torch.Tensor) -> torch.Tensor:
-        torch._foreach_copy_(dsts, srcs)
-        node.graph.replay()
-        return last[0]
+        def replay(_: torch.Tensor) -> torch.Tensor:
+            between()
+            node.graph.replay()
+            return last[0]
 
-    return remembering, {"+replay": replay, "+replay+copy": copy_and_replay}
+        return replay
+
+    kinds = ["", "copy", "memcpy", "kernel", "event"]
+    return remembering, {"+replay" + (f"+{k}" if k else ""): replaying(k) for k in kinds}
 
 
 def _return_ms(
