@@ -19,7 +19,8 @@ slots and copy stream. The variants, timed in this order turn after turn:
   ``torch._foreach_copy_`` from copies of them made once); ``+memcpy``, ``+kernel``,
   ``+event``: other work between two replays instead (a ``copy_`` of those inputs, a
   cudaMemcpyAsync; a one-element fill of a tensor the graph does not read; an event recorded
-  and waited on, no device work at all), to tell which work between replays costs time;
+  and waited on, no device work at all), and ``+sidecopy`` (trees' copy on a stream of its
+  own that the replay waits for), to tell which work between replays costs time;
 - ``reduce-overhead+notrees``: the same compile, wrapped by Inductor's plain ``cudagraphify``
   (``triton.cudagraph_trees`` off: one graph per compiled graph, inputs that are not static
   copied in before each replay) instead of cudagraph trees;
@@ -100,6 +101,7 @@ VARIANTS = [
     "reduce-overhead+replay+memcpy",
     "reduce-overhead+replay+kernel",
     "reduce-overhead+replay+event",
+    "reduce-overhead+replay+sidecopy",
     "reduce-overhead.2",
     "reduce-overhead+notrees",
     "reduce-overhead+nopartition",
@@ -159,10 +161,12 @@ def _between(kind: str, inputs: list[torch.Tensor]) -> Callable[[], None]:
     ``""``: none; ``"copy"``: ``torch._foreach_copy_`` into ``inputs`` from copies of them made
     once (one kernel: what cudagraph trees do before each replay); ``"memcpy"``: ``copy_`` of
     each (a cudaMemcpyAsync); ``"kernel"``: a one-element fill of a tensor the graph does not
-    read; ``"event"``: an event recorded and waited on (no device work)."""
+    read; ``"event"``: an event recorded and waited on (no device work); ``"sidecopy"``: the
+    ``"copy"`` on a stream of its own, forked from and joined into the current one."""
     sources = [t.clone() for t in inputs]
     scratch = torch.empty(1, device=torch.device("cuda", torch.cuda.current_device()))
     event = torch.cuda.Event()
+    side = torch.cuda.Stream()
 
     def copy() -> None:
         if inputs:  # torch._foreach_copy_ refuses empty lists
@@ -171,6 +175,12 @@ def _between(kind: str, inputs: list[torch.Tensor]) -> Callable[[], None]:
     def memcpy() -> None:
         for dst, src in zip(inputs, sources, strict=True):
             dst.copy_(src)
+
+    def sidecopy() -> None:
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            copy()
+        torch.cuda.current_stream().wait_stream(side)
 
     def mark() -> None:
         event.record()
@@ -182,6 +192,7 @@ def _between(kind: str, inputs: list[torch.Tensor]) -> Callable[[], None]:
         "memcpy": memcpy,
         "kernel": lambda: scratch.fill_(0.0),
         "event": mark,
+        "sidecopy": sidecopy,
     }
     return kinds[kind]
 
@@ -268,7 +279,7 @@ def _tree_replay(
 
         return replay
 
-    kinds = ["", "copy", "memcpy", "kernel", "event"]
+    kinds = ["", "copy", "memcpy", "kernel", "event", "sidecopy"]
     return remembering, {"+replay" + (f"+{k}" if k else ""): replaying(k) for k in kinds}
 
 
