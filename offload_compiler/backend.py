@@ -30,7 +30,7 @@ from .discovery import (
 )
 from .fx_pass import FetchRead, OffloadPrefetchPass, Rewrite, SlotRead, UVAFetchPass
 from .planning import plan_prefetch, plan_uva, shared_parameters
-from .pool import offload_parameter
+from .pool import offload_parameters
 from .runtime import OffloadRuntime, fetcher_for, runtime_for
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def plan_uva_reads(gm: fx.GraphModule, config: OffloadConfig) -> dict[str, Fetch
         if torch.is_grad_enabled() and any(p.requires_grad for p in chosen):
             raise RuntimeError(_INFERENCE_ONLY)
         device = _compute_device(chosen)
-        hosts = [offload_parameter(p, device) for p in chosen]
+        hosts = offload_parameters(chosen, device)
         in_place = (
             device.type == "cuda"
             and config.uva.use_unified_addressing

@@ -4,7 +4,8 @@ A model whose weights do not fit on the GPU cannot be moved with ``model.cuda()`
 afterwards. `place_model` walks the parameters of a model built on the CPU one at a time: those
 the configuration offloads (the prefetch backend's layers, or the UVA backend's parameters in
 model order up to its budget) go to pinned host memory (the parameter becomes a zero-memory CUDA
-view of it), all others to the GPU. The backend then finds the host copies already made.
+view of it; the pinned blocks are allocated first, then filled one parameter at a time), all
+others to the GPU. The backend then finds the host copies already made.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 from .config import OffloadConfig
 from .discovery import layer_list_of
 from .planning import plan_prefetch, plan_uva, shared_parameters
-from .pool import offload_parameter
+from .pool import offload_parameters
 
 
 @torch.no_grad()
@@ -41,21 +42,22 @@ def place_model(
         )
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    offloaded: set[int] = set()
     if config.selected_backend == "prefetch":
         found = layer_list_of(model, config.layers_path)
         layers = found.layers
         plan = plan_prefetch(layers, found.path, config.prefetch, shared_parameters(layers, model))
-        for layer in plan.layers:
-            params = dict(layers[layer.index].named_parameters())
-            for name in layer.params:
-                offload_parameter(params[name], device)
-                offloaded.add(id(params[name]))
+        chosen = [
+            dict(layers[layer.index].named_parameters())[name]
+            for layer in plan.layers
+            for name in layer.params
+        ]
     elif config.selected_backend == "uva":
         params = dict(model.named_parameters())
-        for name in plan_uva(model, config.uva).params:
-            offload_parameter(params[name], device)
-            offloaded.add(id(params[name]))
+        chosen = [params[name] for name in plan_uva(model, config.uva).params]
+    else:
+        chosen = []
+    offload_parameters(chosen, device)  # packed into shared pinned blocks
+    offloaded = {id(p) for p in chosen}
     for param in model.parameters():
         if id(param) not in offloaded:
             param.data = param.data.to(device)

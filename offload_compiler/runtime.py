@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .planning import OffloadedLayer, OffloadPlan
-from .pool import SlotKey, SlotPool, offload_parameter
+from .pool import SlotKey, SlotPool, offload_parameters
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +101,14 @@ class OffloadRuntime:
         self.pool = SlotPool(plan.num_slots, device)
         self._host: list[dict[str, torch.Tensor]] = []
         self._slots: list[dict[str, torch.Tensor]] = []
+        chosen = [
+            dict(layers[layer.index].named_parameters())[name]
+            for layer in plan.layers
+            for name in layer.params
+        ]
+        hosts = iter(offload_parameters(chosen, device))  # packed into shared pinned blocks
         for layer in plan.layers:
-            params = dict(layers[layer.index].named_parameters())
-            host = {name: offload_parameter(params[name], device) for name in layer.params}
+            host = {name: next(hosts) for name in layer.params}
             self._host.append(host)
             self._slots.append(
                 {n: self.pool.buffer(layer.slot, SlotKey.of(n, t)) for n, t in host.items()}
