@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.offload_bench import _ints
 from benchmarks.pinned_bandwidth import _timed_ms
 from offload_compiler.pool import cuda_view_of_pinned
 
@@ -94,7 +95,7 @@ def step(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--tokens", type=lambda s: [int(t) for t in s.split(",")], default=[1])
+    parser.add_argument("--tokens", type=_ints, default=[1])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--params", type=int, default=4)
     parser.add_argument("--chunk-mib", type=int, default=16)

@@ -85,6 +85,7 @@ from benchmarks.offload_bench import (
     LLAMA_8B,
     _call,
     _configs,
+    _ints,
     _layers,
     build_model,
     copy_floor_ms,
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--tokens", type=lambda s: [int(t) for t in s.split(",")], default=[1])
+    parser.add_argument("--tokens", type=_ints, default=[1])
     parser.add_argument("--config", type=_configs, default=_configs("2/1/2:pp"))
     parser.add_argument(
         "--variants",
@@ -330,8 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if "default" not in args.variants or not set(args.variants) <= set(VARIANTS):
         parser.error(f"--variants: a subsequence of {VARIANTS} with default")
-    replaying = any(v.startswith("reduce-overhead+replay") for v in args.variants)
-    if replaying and "reduce-overhead" not in args.variants:
+    replays = [v for v in VARIANTS if v in args.variants and v.startswith("reduce-overhead+replay")]
+    if replays and "reduce-overhead" not in args.variants:
         parser.error("--variants: reduce-overhead+replay replays reduce-overhead's recording")
     graphs = [v for v in args.variants if v.startswith("reduce-overhead") or "+graph" in v]
     if graphs and "default+rejoin" not in args.variants:
@@ -375,11 +376,10 @@ def main(argv: list[str] | None = None) -> int:
                 how = variant.rpartition("+graph")[2].lstrip("+")
                 runs[variant] = captured(call, ids, how) if by_hand else call
                 first[variant] = runs[variant](ids).float()
-                replays = [v for v in args.variants if v.startswith("reduce-overhead+replay")]
                 if variant == "reduce-overhead" and replays:
                     runs[variant], direct = _tree_replay(device, call)
                     first[variant] = runs[variant](ids).float()
-                    for name in sorted(replays, key=VARIANTS.index):
+                    for name in replays:
                         runs[name] = direct[name.removeprefix(variant)]
                         first[name] = runs[name](ids).float()
                 partitions = torch._dynamo.utils.counters["inductor"]["cudagraph_partitions"]

@@ -914,7 +914,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lock", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--merge", type=Path, nargs="+", help="join these runs' results.json")
     parser.add_argument("--layers", type=int)
-    parser.add_argument("--tokens", type=lambda s: [int(t) for t in s.split(",")])
+    parser.add_argument("--tokens", type=_ints)
     parser.add_argument("--runs", type=int, default=5, help="timed runs per token count")
     parser.add_argument("--min-run-s", type=float, default=0.5, help="shortest timed run")
     parser.add_argument("--jobs", type=int, default=3, help="cells prepared at once")
@@ -973,6 +973,11 @@ def _defaults(args: argparse.Namespace) -> None:
         args.uva = args.uva or []
         if args.configs is None:
             args.configs = _configs(",".join(f"{g}/1/{s}" for g in (1, 2, 4, 8) for s in (1, 2, 4)))
+
+
+def _ints(text: str) -> list[int]:
+    """Comma-separated integers (``--tokens 1,16,2048``)."""
+    return [int(t) for t in text.split(",")]
 
 
 def _configs(text: str) -> list[dict]:

@@ -46,6 +46,7 @@ from benchmarks.offload_bench import (
     LLAMA_8B,
     GpuLock,
     _configs,
+    _ints,
     copy_floor_ms,
     prepare,
     time_calls,
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--tokens", type=lambda s: [int(t) for t in s.split(",")], default=[2048])
+    parser.add_argument("--tokens", type=_ints, default=[2048])
     parser.add_argument("--config", type=_configs, default=_configs("1/1/1:pp"))
     parser.add_argument(
         "--modes", type=lambda s: s.split(","), default=["default", "reduce-overhead"]

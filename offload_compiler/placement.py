@@ -46,11 +46,7 @@ def place_model(
         found = layer_list_of(model, config.layers_path)
         layers = found.layers
         plan = plan_prefetch(layers, found.path, config.prefetch, shared_parameters(layers, model))
-        chosen = [
-            dict(layers[layer.index].named_parameters())[name]
-            for layer in plan.layers
-            for name in layer.params
-        ]
+        chosen = plan.parameters(layers)
     elif config.selected_backend == "uva":
         params = dict(model.named_parameters())
         chosen = [params[name] for name in plan_uva(model, config.uva).params]

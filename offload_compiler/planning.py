@@ -42,6 +42,15 @@ class OffloadPlan:
     def num_slots(self) -> int:
         return min(self.prefetch_step, len(self.layers))
 
+    def parameters(self, layers: nn.ModuleList) -> list[nn.Parameter]:
+        """The offloaded parameters of ``layers`` (the ModuleList planned), layer by layer in
+        plan order, each layer's in the order of its ``params``."""
+        chosen = []
+        for layer in self.layers:
+            params = dict(layers[layer.index].named_parameters())
+            chosen += [params[name] for name in layer.params]
+        return chosen
+
     def layer_at(self, index: int) -> OffloadedLayer | None:
         """The offloaded layer with ModuleList index ``index``, None if it stays resident."""
         return self._by_index.get(index)

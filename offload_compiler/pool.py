@@ -103,7 +103,7 @@ def plan_pinned_blocks(
     of ``align`` (a power of two) and zero-byte requests take ``align`` bytes.
     """
     padded = [max(align, -(-size // align) * align) for size in sizes]
-    places: list[tuple[int, int] | None] = [None] * len(sizes)
+    places: dict[int, tuple[int, int]] = {}  # request -> (block, offset)
     blocks: list[int] = []
     used: list[int] = []
     left = sum(padded)
@@ -118,7 +118,7 @@ def plan_pinned_blocks(
         places[i] = (block, used[block])
         used[block] += size
         left -= size
-    return PinnedBlocks(tuple(blocks), tuple(p for p in places if p is not None))
+    return PinnedBlocks(tuple(blocks), tuple(places[i] for i in range(len(sizes))))
 
 
 def _storage_bytes(tensor: torch.Tensor) -> int:
@@ -146,11 +146,12 @@ class PinnedArena:
         tensors: Sequence[torch.Tensor],
         allocate: Callable[[int], torch.Tensor] = _pinned_block,
     ) -> None:
-        plan = plan_pinned_blocks([_storage_bytes(t) for t in tensors])
+        sizes = [_storage_bytes(t) for t in tensors]
+        plan = plan_pinned_blocks(sizes)
         self.blocks = [allocate(size) for size in plan.block_bytes]
         self._views = [
-            (t.shape, t.stride(), t.dtype, _storage_bytes(t), block, offset)
-            for t, (block, offset) in zip(tensors, plan.places, strict=True)
+            (t.shape, t.stride(), t.dtype, nbytes, block, offset)
+            for t, nbytes, (block, offset) in zip(tensors, sizes, plan.places, strict=True)
         ]
 
     def empty(self, index: int) -> torch.Tensor:

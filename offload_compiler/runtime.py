@@ -101,12 +101,8 @@ class OffloadRuntime:
         self.pool = SlotPool(plan.num_slots, device)
         self._host: list[dict[str, torch.Tensor]] = []
         self._slots: list[dict[str, torch.Tensor]] = []
-        chosen = [
-            dict(layers[layer.index].named_parameters())[name]
-            for layer in plan.layers
-            for name in layer.params
-        ]
-        hosts = iter(offload_parameters(chosen, device))  # packed into shared pinned blocks
+        # packed into shared pinned blocks
+        hosts = iter(offload_parameters(plan.parameters(layers), device))
         for layer in plan.layers:
             host = {name: next(hosts) for name in layer.params}
             self._host.append(host)
