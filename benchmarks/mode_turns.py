@@ -41,7 +41,8 @@ slots and copy stream. The variants, timed in this order turn after turn:
   trees record in (a stream of their own, a memory pool shared by the warm-up and the capture,
   cuBLAS's workspaces cleared around both, thread-local capture errors, the RNG state kept):
   if this is as slow as ``reduce-overhead`` while ``+clear`` is not, the cost is in that
-  context and not in trees' replay;
+  context and not in trees' replay; ``default+rejoin+graph+trees+copy``: the same with the
+  copy into its captured input before each replay;
 - ``default+rejoin``: the same compile run eagerly;
 - ``default``: default mode.
 
@@ -63,7 +64,9 @@ layer's weights shows); its distance to the uncompiled model's and to default mo
 time per call until the calls returned to Python and until the device finished. With
 ``--profile N``, N calls of each variant are then profiled in turn and ``profile-<tokens>.json``
 holds, per variant, `benchmarks.profile_offload`'s summary of them (copy engine busy and idle,
-memsets, the kernels run most often).
+memsets, the kernels run most often). With ``--dump-graphs``, every CUDA graph keeps its nodes
+and CUDA's DOT print of ``reduce-overhead``'s recording and of each hand capture is written
+(``graph-<tokens>-<variant>.dot.gz``), to compare what the graphs hold.
 """
 
 from __future__ import annotations
@@ -71,9 +74,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import gzip
 import json
 import math
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -110,6 +115,7 @@ VARIANTS = [
     "default+rejoin+graph+clear",
     "default+rejoin+graph+trees",
     "default+rejoin+graph+copy",
+    "default+rejoin+graph+trees+copy",
     "default+rejoin",
     "default",
 ]
@@ -132,6 +138,37 @@ def _forced_rejoin(force: bool) -> Iterator[None]:
         yield
     finally:
         backend.OffloadPrefetchPass = original  # type: ignore[misc]
+
+
+@contextlib.contextmanager
+def _debug_graphs(enabled: bool) -> Iterator[None]:
+    """Every ``torch.cuda.CUDAGraph`` made meanwhile, cudagraph trees' included, keeps its
+    graph for ``debug_dump`` (CUDA's DOT print of its nodes and edges)."""
+    original = torch.cuda.CUDAGraph
+
+    class Debug(original):  # type: ignore[misc, valid-type]
+        def __new__(cls, keep_graph: bool = False) -> Debug:
+            graph = super().__new__(cls, keep_graph)
+            graph.enable_debug_mode()
+            return graph
+
+    if enabled:
+        torch.cuda.CUDAGraph = Debug  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        torch.cuda.CUDAGraph = original  # type: ignore[misc]
+
+
+def dump_graphs(graphs: dict[str, torch.cuda.CUDAGraph], out: Path, tokens: int) -> None:
+    """Each graph's DOT print, gzipped, as ``graph-<tokens>-<variant>.dot.gz`` (``+`` as
+    ``_``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant, graph in graphs.items():
+            dot = Path(tmp) / "graph.dot"
+            graph.debug_dump(str(dot))
+            name = f"graph-{tokens}-{variant.replace('+', '_')}.dot.gz"
+            (out / name).write_bytes(gzip.compress(dot.read_bytes()))
 
 
 @contextlib.contextmanager
@@ -199,16 +236,16 @@ def _between(kind: str, inputs: list[torch.Tensor]) -> Callable[[], None]:
 
 
 def captured(
-    call: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, how: str
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``call(ids)`` recorded into one CUDA graph by hand; the callable replays it (whatever ids
-    it is given) and returns the recording's output tensor. ``how`` is ``""`` (a plain
-    ``torch.cuda.graph``), ``"clear"`` (cuBLAS's workspaces cleared around the capture),
-    ``"trees"`` (one more warm-up and the capture in cudagraph trees' recording context) or
-    ``"copy"`` (plain, with a copy into ``ids`` before each replay)."""
+    call: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, how: set[str]
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.cuda.CUDAGraph]:
+    """``call(ids)`` recorded into one CUDA graph by hand, and a callable that replays it
+    (whatever ids it is given) and returns the recording's output tensor. ``how`` holds none
+    (a plain ``torch.cuda.graph``) or some of ``"clear"`` (cuBLAS's workspaces cleared around
+    the capture), ``"trees"`` (one more warm-up and the capture in cudagraph trees' recording
+    context) and ``"copy"`` (a copy into ``ids`` before each replay)."""
     graph = torch.cuda.CUDAGraph()
     torch.cuda.synchronize()
-    if how == "trees":  # as CUDAGraphTreeManager.__init__, CUDAWarmupNode.run and _record do
+    if "trees" in how:  # as CUDAGraphTreeManager.__init__, CUDAWarmupNode.run and _record do
         stream, pool = torch.cuda.Stream(), torch.cuda.graph_pool_handle()
         empty = torch.cuda.CUDAGraph()  # the pool exists once a capture used it
         with torch.cuda.graph(empty, pool=pool, stream=stream, capture_error_mode="thread_local"):
@@ -231,20 +268,20 @@ def captured(
         context = [cudagraph_trees.preserve_rng_state(), cudagraph_trees.clear_cublas_manager()]
     else:
         capture = torch.cuda.graph(graph)
-        context = [cudagraph_trees.clear_cublas_manager()] if how == "clear" else []
+        context = [cudagraph_trees.clear_cublas_manager()] if "clear" in how else []
     with contextlib.ExitStack() as stack:
         for manager in context:
             stack.enter_context(manager)
         stack.enter_context(capture)
         out = call(ids)
-    between = _between("copy" if how == "copy" else "", [ids])
+    between = _between("copy" if "copy" in how else "", [ids])
 
     def replay(_: torch.Tensor) -> torch.Tensor:
         between()
         graph.replay()
         return out
 
-    return replay
+    return replay, graph
 
 
 def _tree_replay(
@@ -327,6 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", type=int, default=0, help="calls of each variant to profile after timing"
     )
+    parser.add_argument(
+        "--dump-graphs",
+        action="store_true",
+        help="keep every CUDA graph's nodes and write reduce-overhead's and the hand "
+        "captures' DOT prints (graph-<tokens>-<variant>.dot.gz) after the output check",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if "default" not in args.variants or not set(args.variants) <= set(VARIANTS):
@@ -366,15 +409,21 @@ def main(argv: list[str] | None = None) -> int:
             expected = _call(model)(ids).float()  # reads the offloaded weights in place
             runs: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
             first: dict[str, torch.Tensor] = {}
+            graphs: dict[str, torch.cuda.CUDAGraph] = {}
             for variant, call in calls.items():
-                with compiling_as(variant):
+                with compiling_as(variant), _debug_graphs(args.dump_graphs):
                     for _ in range(3):  # compile, cudagraph warm-up, recording
                         call(ids)
+                if variant == "reduce-overhead":
+                    graphs[variant] = cudagraph_trees.get_manager(device.index).current_node.graph
                 # captured right after its own warm-up, which joined its copies: nothing
                 # another variant started is pending
-                by_hand = "+graph" in variant
-                how = variant.rpartition("+graph")[2].lstrip("+")
-                runs[variant] = captured(call, ids, how) if by_hand else call
+                if "+graph" in variant:
+                    how = set(variant.rpartition("+graph")[2].split("+")) - {""}
+                    with _debug_graphs(args.dump_graphs):
+                        runs[variant], graphs[variant] = captured(call, ids, how)
+                else:
+                    runs[variant] = call
                 first[variant] = runs[variant](ids).float()
                 if variant == "reduce-overhead" and replays:
                     runs[variant], direct = _tree_replay(device, call)
@@ -405,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
             outputs = {variant: run(ids).float() for variant, run in runs.items()}
             distance = functools.partial(_distance, scale=expected.abs().max())
             changed = {v: d for v, o in outputs.items() if (d := distance(o, first[v])) > 1e-6}
+            if args.dump_graphs:
+                dump_graphs(graphs, args.out, tokens)
             for min_run_s, (times, floor) in timed.items():
                 for variant, ms in times.items():
                     turns = [x / y - 1 for x, y in zip(ms, times["default"], strict=True)]
