@@ -143,14 +143,14 @@ def _forced_rejoin(force: bool) -> Iterator[None]:
 @contextlib.contextmanager
 def _debug_graphs(enabled: bool) -> Iterator[None]:
     """Every ``torch.cuda.CUDAGraph`` made meanwhile, cudagraph trees' included, keeps its
-    graph for ``debug_dump`` (CUDA's DOT print of its nodes and edges)."""
+    graph for ``debug_dump`` (CUDA's DOT print of its nodes and edges): made with
+    ``keep_graph=True`` (instantiated on its first replay), as ``enable_debug_mode`` does not
+    keep it on torch 2.11."""
     original = torch.cuda.CUDAGraph
 
     class Debug(original):  # type: ignore[misc, valid-type]
         def __new__(cls, keep_graph: bool = False) -> Debug:
-            graph = super().__new__(cls, keep_graph)
-            graph.enable_debug_mode()
-            return graph
+            return super().__new__(cls, True)
 
     if enabled:
         torch.cuda.CUDAGraph = Debug  # type: ignore[misc]
