@@ -149,8 +149,12 @@ def _debug_graphs(enabled: bool) -> Iterator[None]:
     original = torch.cuda.CUDAGraph
 
     class Debug(original):  # type: ignore[misc, valid-type]
+        # pybind11 constructs in __init__, called with the caller's arguments after __new__
         def __new__(cls, keep_graph: bool = False) -> Debug:
             return super().__new__(cls, True)
+
+        def __init__(self, keep_graph: bool = False) -> None:
+            super().__init__(True)
 
     if enabled:
         torch.cuda.CUDAGraph = Debug  # type: ignore[misc]
