@@ -43,6 +43,10 @@ slots and copy stream. The variants, timed in this order turn after turn:
   if this is as slow as ``reduce-overhead`` while ``+clear`` is not, the cost is in that
   context and not in trees' replay; ``default+rejoin+graph+trees+copy``: the same with the
   copy into its captured input before each replay;
+- ``reduce-overhead+nowrap+graph``, ``+copy``: the code Inductor generates for
+  reduce-overhead (``triton.cudagraphs`` on: graph partitions), left unwrapped by cudagraph
+  trees (Inductor's compiler bisector told to disable its cudagraphs subsystem) and captured
+  by hand as ``default+rejoin+graph``: tells trees' recording from the code they record;
 - ``default+rejoin``: the same compile run eagerly;
 - ``default``: default mode.
 
@@ -84,7 +88,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from torch._inductor import cudagraph_trees
+from torch._inductor import compiler_bisector, cudagraph_trees
 
 from benchmarks.offload_bench import (
     LLAMA_8B,
@@ -116,6 +120,8 @@ VARIANTS = [
     "default+rejoin+graph+trees",
     "default+rejoin+graph+copy",
     "default+rejoin+graph+trees+copy",
+    "reduce-overhead+nowrap+graph",
+    "reduce-overhead+nowrap+graph+copy",
     "default+rejoin",
     "default",
 ]
@@ -176,6 +182,26 @@ def dump_graphs(graphs: dict[str, torch.cuda.CUDAGraph], out: Path, tokens: int)
 
 
 @contextlib.contextmanager
+def _unwrapped(enabled: bool) -> Iterator[None]:
+    """Inductor compiles as for CUDA graphs but does not wrap the result in them (its bisector's
+    switch for the cudagraphs subsystem, checked before any wrapping)."""
+    bisector = compiler_bisector.CompilerBisector
+    original, unbound = bisector.disable_subsystem, vars(bisector)["disable_subsystem"]
+
+    def disable_subsystem(backend_name: str, subsystem_name: str, *args: object) -> bool:
+        if (backend_name, subsystem_name) == ("inductor", "cudagraphs"):
+            return True
+        return original(backend_name, subsystem_name, *args)
+
+    if enabled:
+        bisector.disable_subsystem = staticmethod(disable_subsystem)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        bisector.disable_subsystem = unbound  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
 def compiling_as(variant: str) -> Iterator[None]:
     """The global settings a variant's compiles run under."""
     graphs = variant.startswith("reduce-overhead")
@@ -188,6 +214,7 @@ def compiling_as(variant: str) -> Iterator[None]:
     with (
         torch._inductor.config.patch(patches),
         _forced_rejoin("+rejoin" in variant),
+        _unwrapped("+nowrap" in variant),
     ):
         yield
 
