@@ -21,6 +21,11 @@ slots and copy stream. The variants, timed in this order turn after turn:
   cudaMemcpyAsync; a one-element fill of a tensor the graph does not read; an event recorded
   and waited on, no device work at all), and ``+sidecopy`` (trees' copy on a stream of its
   own that the replay waits for), to tell which work between replays costs time;
+  ``+copy+hop``, ``+kernel+hop``: the copy or the fill, then a hop (the current stream waits
+  on a side stream that waited on it: no device work, but the replay then follows a wait on
+  another stream, as after ``+sidecopy``);
+- ``reduce-overhead+hop``: trees' own call of that recording, with the hop between their
+  input copy and their replay (``CUDAGraphNode.run_graph`` patched during the call);
 - ``reduce-overhead+notrees``: the same compile, wrapped by Inductor's plain ``cudagraphify``
   (``triton.cudagraph_trees`` off: one graph per compiled graph, inputs that are not static
   copied in before each replay) instead of cudagraph trees;
@@ -43,6 +48,7 @@ slots and copy stream. The variants, timed in this order turn after turn:
   if this is as slow as ``reduce-overhead`` while ``+clear`` is not, the cost is in that
   context and not in trees' replay; ``default+rejoin+graph+trees+copy``: the same with the
   copy into its captured input before each replay;
+- ``default+rejoin+graph+copy+hop``: ``default+rejoin+graph+copy`` with the hop after the copy;
 - ``reduce-overhead+nowrap+graph``, ``+copy``: the code Inductor generates for
   reduce-overhead (``triton.cudagraphs`` on: graph partitions), left unwrapped by cudagraph
   trees (Inductor's compiler bisector told to disable its cudagraphs subsystem) and captured
@@ -112,6 +118,9 @@ VARIANTS = [
     "reduce-overhead+replay+kernel",
     "reduce-overhead+replay+event",
     "reduce-overhead+replay+sidecopy",
+    "reduce-overhead+replay+copy+hop",
+    "reduce-overhead+replay+kernel+hop",
+    "reduce-overhead+hop",
     "reduce-overhead.2",
     "reduce-overhead+notrees",
     "reduce-overhead+nopartition",
@@ -120,6 +129,7 @@ VARIANTS = [
     "default+rejoin+graph+trees",
     "default+rejoin+graph+copy",
     "default+rejoin+graph+trees+copy",
+    "default+rejoin+graph+copy+hop",
     "reduce-overhead+nowrap+graph",
     "reduce-overhead+nowrap+graph+copy",
     "default+rejoin",
@@ -225,13 +235,16 @@ def _distance(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> float:
 
 
 def _between(kind: str, inputs: list[torch.Tensor]) -> Callable[[], None]:
-    """Work on the current stream between two replays of a graph that reads ``inputs``.
+    """Work on the current stream between two replays of a graph that reads ``inputs``: the
+    steps of ``kind`` (``+``-joined, in order; ``""`` is none).
 
-    ``""``: none; ``"copy"``: ``torch._foreach_copy_`` into ``inputs`` from copies of them made
-    once (one kernel: what cudagraph trees do before each replay); ``"memcpy"``: ``copy_`` of
-    each (a cudaMemcpyAsync); ``"kernel"``: a one-element fill of a tensor the graph does not
-    read; ``"event"``: an event recorded and waited on (no device work); ``"sidecopy"``: the
-    ``"copy"`` on a stream of its own, forked from and joined into the current one."""
+    ``"copy"``: ``torch._foreach_copy_`` into ``inputs`` from copies of them made once (one
+    kernel: what cudagraph trees do before each replay); ``"memcpy"``: ``copy_`` of each (a
+    cudaMemcpyAsync); ``"kernel"``: a one-element fill of a tensor the graph does not read;
+    ``"event"``: an event recorded and waited on (no device work); ``"sidecopy"``: the
+    ``"copy"`` on a stream of its own, forked from and joined into the current one; ``"hop"``:
+    the current stream waits on a side stream that waited on it (no device work, but the
+    replay then follows a wait on another stream instead of the work before it)."""
     sources = [t.clone() for t in inputs]
     scratch = torch.empty(1, device=torch.device("cuda", torch.cuda.current_device()))
     event = torch.cuda.Event()
@@ -255,15 +268,25 @@ def _between(kind: str, inputs: list[torch.Tensor]) -> Callable[[], None]:
         event.record()
         torch.cuda.current_stream().wait_event(event)
 
+    def hop() -> None:
+        side.wait_stream(torch.cuda.current_stream())
+        torch.cuda.current_stream().wait_stream(side)
+
     kinds = {
-        "": lambda: None,
         "copy": copy,
         "memcpy": memcpy,
         "kernel": lambda: scratch.fill_(0.0),
         "event": mark,
         "sidecopy": sidecopy,
+        "hop": hop,
     }
-    return kinds[kind]
+    steps = [kinds[step] for step in kind.split("+") if step]
+
+    def run() -> None:
+        for step in steps:
+            step()
+
+    return run
 
 
 def captured(
@@ -305,7 +328,7 @@ def captured(
             stack.enter_context(manager)
         stack.enter_context(capture)
         out = call(ids)
-    between = _between("copy" if "copy" in how else "", [ids])
+    between = _between("+".join(step for step in ("copy", "hop") if step in how), [ids])
 
     def replay(_: torch.Tensor) -> torch.Tensor:
         between()
@@ -348,8 +371,25 @@ def _tree_replay(
 
         return replay
 
-    kinds = ["", "copy", "memcpy", "kernel", "event", "sidecopy"]
-    return remembering, {"+replay" + (f"+{k}" if k else ""): replaying(k) for k in kinds}
+    hop = _between("hop", [])
+
+    def hopping(ids: torch.Tensor) -> torch.Tensor:
+        """Trees' own call, with the hop between their input copy and their replay."""
+        original = cudagraph_trees.CUDAGraphNode.run_graph
+
+        def run_graph(self: cudagraph_trees.CUDAGraphNode) -> None:
+            hop()
+            original(self)
+
+        cudagraph_trees.CUDAGraphNode.run_graph = run_graph  # type: ignore[method-assign]
+        try:
+            return remembering(ids)
+        finally:
+            cudagraph_trees.CUDAGraphNode.run_graph = original  # type: ignore[method-assign]
+
+    kinds = ["", "copy", "memcpy", "kernel", "event", "sidecopy", "copy+hop", "kernel+hop"]
+    direct = {"+replay" + (f"+{k}" if k else ""): replaying(k) for k in kinds}
+    return remembering, {**direct, "+hop": hopping}
 
 
 def _return_ms(
@@ -405,7 +445,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if "default" not in args.variants or not set(args.variants) <= set(VARIANTS):
         parser.error(f"--variants: a subsequence of {VARIANTS} with default")
-    replays = [v for v in VARIANTS if v in args.variants and v.startswith("reduce-overhead+replay")]
+    replays = [
+        v
+        for v in VARIANTS
+        if v in args.variants and v.startswith(("reduce-overhead+replay", "reduce-overhead+hop"))
+    ]
     if replays and "reduce-overhead" not in args.variants:
         parser.error("--variants: reduce-overhead+replay replays reduce-overhead's recording")
     graphs = [v for v in args.variants if v.startswith("reduce-overhead") or "+graph" in v]
@@ -426,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     hosts = [h for h in map(host_copy, model.parameters()) if h is not None]
     calls: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     for variant in [v for v in VARIANTS if v in args.variants]:
-        if variant.startswith("reduce-overhead+replay"):
+        if variant in replays:
             continue  # reduce-overhead's recording, taken from trees below
         # a backend object of its own, so Dynamo does not reuse another variant's compile
         compiled = torch.compile(
