@@ -24,8 +24,12 @@ slots and copy stream. The variants, timed in this order turn after turn:
   ``+copy+hop``, ``+kernel+hop``: the copy or the fill, then a hop (the current stream waits
   on a side stream that waited on it: no device work, but the replay then follows a wait on
   another stream, as after ``+sidecopy``);
+- ``reduce-overhead+replay+copy+sidestream``: the copy on the current stream, the replay on
+  a stream of its own (which waits for the current one, and the current one for it);
 - ``reduce-overhead+hop``: trees' own call of that recording, with the hop between their
   input copy and their replay (``CUDAGraphNode.run_graph`` patched during the call);
+- ``reduce-overhead+sidestream``: trees' own call on a stream of its own (their input copy
+  too);
 - ``reduce-overhead+notrees``: the same compile, wrapped by Inductor's plain ``cudagraphify``
   (``triton.cudagraph_trees`` off: one graph per compiled graph, inputs that are not static
   copied in before each replay) instead of cudagraph trees;
@@ -120,7 +124,9 @@ VARIANTS = [
     "reduce-overhead+replay+sidecopy",
     "reduce-overhead+replay+copy+hop",
     "reduce-overhead+replay+kernel+hop",
+    "reduce-overhead+replay+copy+sidestream",
     "reduce-overhead+hop",
+    "reduce-overhead+sidestream",
     "reduce-overhead.2",
     "reduce-overhead+notrees",
     "reduce-overhead+nopartition",
@@ -362,14 +368,15 @@ def _tree_replay(
         return last[0]
 
     def replaying(kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        between = _between(kind, dsts)
+        own_stream = kind.endswith("sidestream")
+        between = _between(kind.removesuffix("sidestream").rstrip("+"), dsts)
 
         def replay(_: torch.Tensor) -> torch.Tensor:
             between()
             node.graph.replay()
             return last[0]
 
-        return replay
+        return _on_a_stream_of_its_own(replay) if own_stream else replay
 
     hop = _between("hop", [])
 
@@ -388,8 +395,32 @@ def _tree_replay(
             cudagraph_trees.CUDAGraphNode.run_graph = original  # type: ignore[method-assign]
 
     kinds = ["", "copy", "memcpy", "kernel", "event", "sidecopy", "copy+hop", "kernel+hop"]
+    kinds += ["copy+sidestream"]
     direct = {"+replay" + (f"+{k}" if k else ""): replaying(k) for k in kinds}
-    return remembering, {**direct, "+hop": hopping}
+    return remembering, {
+        **direct,
+        "+hop": hopping,
+        "+sidestream": _on_a_stream_of_its_own(remembering),
+    }
+
+
+def _on_a_stream_of_its_own(
+    call: Callable[[torch.Tensor], torch.Tensor],
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``call`` issued on a stream of its own, which waits for the current stream before it
+    and which the current stream waits for after it: the work between two calls (on the current
+    stream) then never sits on the stream the calls' graphs are launched on."""
+    own = torch.cuda.Stream()
+
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        current = torch.cuda.current_stream()
+        own.wait_stream(current)
+        with torch.cuda.stream(own):
+            out = call(ids)
+        current.wait_stream(own)
+        return out
+
+    return run
 
 
 def _return_ms(
@@ -448,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     replays = [
         v
         for v in VARIANTS
-        if v in args.variants and v.startswith(("reduce-overhead+replay", "reduce-overhead+hop"))
+        if v in args.variants
+        and v.startswith(("reduce-overhead+replay", "reduce-overhead+hop", "reduce-overhead+side"))
     ]
     if replays and "reduce-overhead" not in args.variants:
         parser.error("--variants: reduce-overhead+replay replays reduce-overhead's recording")
