@@ -29,7 +29,9 @@ slots and copy stream. The variants, timed in this order turn after turn:
 - ``reduce-overhead+hop``: trees' own call of that recording, with the hop between their
   input copy and their replay (``CUDAGraphNode.run_graph`` patched during the call);
 - ``reduce-overhead+sidestream``: trees' own call on a stream of its own (their input copy
-  too);
+  too); ``reduce-overhead+nocopy``, ``+nocopy+sidestream``: trees' own call with their input
+  copy left out (the graph reads the ids it last got; mode_turns never changes them), on the
+  current stream and on a stream of its own;
 - ``reduce-overhead+notrees``: the same compile, wrapped by Inductor's plain ``cudagraphify``
   (``triton.cudagraph_trees`` off: one graph per compiled graph, inputs that are not static
   copied in before each replay) instead of cudagraph trees;
@@ -127,6 +129,8 @@ VARIANTS = [
     "reduce-overhead+replay+copy+sidestream",
     "reduce-overhead+hop",
     "reduce-overhead+sidestream",
+    "reduce-overhead+nocopy",
+    "reduce-overhead+nocopy+sidestream",
     "reduce-overhead.2",
     "reduce-overhead+notrees",
     "reduce-overhead+nopartition",
@@ -394,6 +398,21 @@ def _tree_replay(
         finally:
             cudagraph_trees.CUDAGraphNode.run_graph = original  # type: ignore[method-assign]
 
+    def without_copy(ids: torch.Tensor) -> torch.Tensor:
+        """Trees' own call with their input copy left out (the graph reads the ids it was
+        last given, which mode_turns never changes)."""
+        original = cudagraph_trees.CUDAGraphNode._copy_inputs_and_remove_from_src
+
+        def drop(self: cudagraph_trees.CUDAGraphNode, dsts: list, srcs: list) -> None:
+            for index in self.non_static_input_idx:
+                srcs[index] = None
+
+        cudagraph_trees.CUDAGraphNode._copy_inputs_and_remove_from_src = drop  # type: ignore[method-assign]
+        try:
+            return remembering(ids)
+        finally:
+            cudagraph_trees.CUDAGraphNode._copy_inputs_and_remove_from_src = original  # type: ignore[method-assign]
+
     kinds = ["", "copy", "memcpy", "kernel", "event", "sidecopy", "copy+hop", "kernel+hop"]
     kinds += ["copy+sidestream"]
     direct = {"+replay" + (f"+{k}" if k else ""): replaying(k) for k in kinds}
@@ -401,6 +420,8 @@ def _tree_replay(
         **direct,
         "+hop": hopping,
         "+sidestream": _on_a_stream_of_its_own(remembering),
+        "+nocopy": without_copy,
+        "+nocopy+sidestream": _on_a_stream_of_its_own(without_copy),
     }
 
 
@@ -480,7 +501,14 @@ def main(argv: list[str] | None = None) -> int:
         v
         for v in VARIANTS
         if v in args.variants
-        and v.startswith(("reduce-overhead+replay", "reduce-overhead+hop", "reduce-overhead+side"))
+        and v.startswith(
+            (
+                "reduce-overhead+replay",
+                "reduce-overhead+hop",
+                "reduce-overhead+side",
+                "reduce-overhead+nocopy",
+            )
+        )
     ]
     if replays and "reduce-overhead" not in args.variants:
         parser.error("--variants: reduce-overhead+replay replays reduce-overhead's recording")
