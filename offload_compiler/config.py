@@ -147,8 +147,9 @@ class PrefetchOffloadConfig(_FrozenConfig):
     this option.
     ``mode="reduce-overhead"`` always uses this schedule. On the H100 at decode a model
     captured by hand ran at its copy floor when nothing ran between its replays, 3-5% faster
-    than cudagraph trees; with a copy of new inputs before each replay it was as slow as
-    trees (docs/benchmarks.md, session 7).
+    than cudagraph trees; with a copy of new inputs on its stream before each replay it was as
+    fast as default mode in 6 of 8 processes and 4% slower in 2 (docs/benchmarks.md, sessions
+    7 and 8).
     """
 
     def is_offloaded_layer(self, index: int) -> bool:
