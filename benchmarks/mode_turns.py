@@ -98,6 +98,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch._inductor import compiler_bisector, cudagraph_trees
@@ -116,21 +117,22 @@ from benchmarks.profile_offload import profiled_calls, summarise
 from offload_compiler import backend, place_model
 from offload_compiler.pool import host_copy
 
+# Suffixes of the variants made from reduce-overhead's own recording (`_tree_replay`), not
+# compiled anew: ``+replay`` and the between-replay work after it, trees' own call altered.
+_BETWEEN = ["", "copy", "memcpy", "kernel", "event", "sidecopy", "copy+hop", "kernel+hop"]
+FROM_RECORDING = [
+    *("+replay" + (f"+{kind}" if kind else "") for kind in _BETWEEN),
+    "+replay+copy+sidestream",
+    "+hop",
+    "+sidestream",
+    "+nocopy",
+    "+nocopy+sidestream",
+]
+_Patch = contextlib.AbstractContextManager[object]
+
 VARIANTS = [
     "reduce-overhead",
-    "reduce-overhead+replay",
-    "reduce-overhead+replay+copy",
-    "reduce-overhead+replay+memcpy",
-    "reduce-overhead+replay+kernel",
-    "reduce-overhead+replay+event",
-    "reduce-overhead+replay+sidecopy",
-    "reduce-overhead+replay+copy+hop",
-    "reduce-overhead+replay+kernel+hop",
-    "reduce-overhead+replay+copy+sidestream",
-    "reduce-overhead+hop",
-    "reduce-overhead+sidestream",
-    "reduce-overhead+nocopy",
-    "reduce-overhead+nocopy+sidestream",
+    *("reduce-overhead" + suffix for suffix in FROM_RECORDING),
     "reduce-overhead.2",
     "reduce-overhead+notrees",
     "reduce-overhead+nopartition",
@@ -147,8 +149,12 @@ VARIANTS = [
 ]
 
 
-@contextlib.contextmanager
-def _forced_rejoin(force: bool) -> Iterator[None]:
+def _patched(enabled: bool, owner: object, name: str, value: object) -> _Patch:
+    """``owner.name`` replaced by ``value`` meanwhile if ``enabled``, else nothing."""
+    return mock.patch.object(owner, name, value) if enabled else contextlib.nullcontext()
+
+
+def _forced_rejoin(force: bool) -> _Patch:
     """Compile with the CUDA-graph schedule (``rejoin``) whatever the mode: what
     ``prefetch.offload_capturable`` does, but without changing the configuration, which the
     variants must share (one configuration, one runtime)."""
@@ -158,16 +164,10 @@ def _forced_rejoin(force: bool) -> Iterator[None]:
         def __init__(self, reads: dict, rejoin: bool, per_param: bool = False) -> None:
             super().__init__(reads, True, per_param)
 
-    if force:
-        backend.OffloadPrefetchPass = Rejoin  # type: ignore[misc]
-    try:
-        yield
-    finally:
-        backend.OffloadPrefetchPass = original  # type: ignore[misc]
+    return _patched(force, backend, "OffloadPrefetchPass", Rejoin)
 
 
-@contextlib.contextmanager
-def _debug_graphs(enabled: bool) -> Iterator[None]:
+def _debug_graphs(enabled: bool) -> _Patch:
     """Every ``torch.cuda.CUDAGraph`` made meanwhile, cudagraph trees' included, keeps its
     graph for ``debug_dump`` (CUDA's DOT print of its nodes and edges): made with
     ``keep_graph=True`` (instantiated on its first replay), as ``enable_debug_mode`` does not
@@ -182,12 +182,7 @@ def _debug_graphs(enabled: bool) -> Iterator[None]:
         def __init__(self, keep_graph: bool = False) -> None:
             super().__init__(True)
 
-    if enabled:
-        torch.cuda.CUDAGraph = Debug  # type: ignore[misc]
-    try:
-        yield
-    finally:
-        torch.cuda.CUDAGraph = original  # type: ignore[misc]
+    return _patched(enabled, torch.cuda, "CUDAGraph", Debug)
 
 
 def dump_graphs(graphs: dict[str, torch.cuda.CUDAGraph], out: Path, tokens: int) -> None:
@@ -201,24 +196,18 @@ def dump_graphs(graphs: dict[str, torch.cuda.CUDAGraph], out: Path, tokens: int)
             (out / name).write_bytes(gzip.compress(dot.read_bytes()))
 
 
-@contextlib.contextmanager
-def _unwrapped(enabled: bool) -> Iterator[None]:
+def _unwrapped(enabled: bool) -> _Patch:
     """Inductor compiles as for CUDA graphs but does not wrap the result in them (its bisector's
     switch for the cudagraphs subsystem, checked before any wrapping)."""
     bisector = compiler_bisector.CompilerBisector
-    original, unbound = bisector.disable_subsystem, vars(bisector)["disable_subsystem"]
+    original = bisector.disable_subsystem
 
     def disable_subsystem(backend_name: str, subsystem_name: str, *args: object) -> bool:
         if (backend_name, subsystem_name) == ("inductor", "cudagraphs"):
             return True
         return original(backend_name, subsystem_name, *args)
 
-    if enabled:
-        bisector.disable_subsystem = staticmethod(disable_subsystem)  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        bisector.disable_subsystem = unbound  # type: ignore[method-assign]
+    return _patched(enabled, bisector, "disable_subsystem", staticmethod(disable_subsystem))
 
 
 @contextlib.contextmanager
@@ -384,37 +373,31 @@ def _tree_replay(
 
     hop = _between("hop", [])
 
+    node_class = cudagraph_trees.CUDAGraphNode
+    run_graph = node_class.run_graph
+
     def hopping(ids: torch.Tensor) -> torch.Tensor:
         """Trees' own call, with the hop between their input copy and their replay."""
-        original = cudagraph_trees.CUDAGraphNode.run_graph
 
-        def run_graph(self: cudagraph_trees.CUDAGraphNode) -> None:
+        def hop_then_run(self: cudagraph_trees.CUDAGraphNode) -> None:
             hop()
-            original(self)
+            run_graph(self)
 
-        cudagraph_trees.CUDAGraphNode.run_graph = run_graph  # type: ignore[method-assign]
-        try:
+        with _patched(True, node_class, "run_graph", hop_then_run):
             return remembering(ids)
-        finally:
-            cudagraph_trees.CUDAGraphNode.run_graph = original  # type: ignore[method-assign]
 
     def without_copy(ids: torch.Tensor) -> torch.Tensor:
         """Trees' own call with their input copy left out (the graph reads the ids it was
         last given, which mode_turns never changes)."""
-        original = cudagraph_trees.CUDAGraphNode._copy_inputs_and_remove_from_src
 
         def drop(self: cudagraph_trees.CUDAGraphNode, dsts: list, srcs: list) -> None:
             for index in self.non_static_input_idx:
                 srcs[index] = None
 
-        cudagraph_trees.CUDAGraphNode._copy_inputs_and_remove_from_src = drop  # type: ignore[method-assign]
-        try:
+        with _patched(True, node_class, "_copy_inputs_and_remove_from_src", drop):
             return remembering(ids)
-        finally:
-            cudagraph_trees.CUDAGraphNode._copy_inputs_and_remove_from_src = original  # type: ignore[method-assign]
 
-    kinds = ["", "copy", "memcpy", "kernel", "event", "sidecopy", "copy+hop", "kernel+hop"]
-    kinds += ["copy+sidestream"]
+    kinds = [*_BETWEEN, "copy+sidestream"]
     direct = {"+replay" + (f"+{k}" if k else ""): replaying(k) for k in kinds}
     return remembering, {
         **direct,
@@ -500,15 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     replays = [
         v
         for v in VARIANTS
-        if v in args.variants
-        and v.startswith(
-            (
-                "reduce-overhead+replay",
-                "reduce-overhead+hop",
-                "reduce-overhead+side",
-                "reduce-overhead+nocopy",
-            )
-        )
+        if v in args.variants and v.removeprefix("reduce-overhead") in FROM_RECORDING
     ]
     if replays and "reduce-overhead" not in args.variants:
         parser.error("--variants: reduce-overhead+replay replays reduce-overhead's recording")
