@@ -35,6 +35,12 @@ slots and copy stream. The variants, timed in this order turn after turn:
 - ``reduce-overhead+notrees``: the same compile, wrapped by Inductor's plain ``cudagraphify``
   (``triton.cudagraph_trees`` off: one graph per compiled graph, inputs that are not static
   copied in before each replay) instead of cudagraph trees;
+- ``reduce-overhead+unstaged``: compiled with the backend's input staging off (`staging`:
+  under CUDA graphs the backend copies the token ids into a static buffer on the caller's
+  stream and launches the graphs on a stream of their own), so cudagraph trees copy the ids
+  into their own buffer on the current stream before each replay, as they do without the
+  backend; ``reduce-overhead+unstaged+sidecopy``: the same, with trees' copy moved to a
+  side stream, forked from and joined into the current one (their call patched);
 - ``reduce-overhead+nopartition``: compiled with Inductor's ``graph_partition`` off (on by
   default since torch 2.9: with CUDA graphs, Inductor may split a graph and reorders the nodes
   it splits at);
@@ -134,6 +140,8 @@ VARIANTS = [
     "reduce-overhead",
     *("reduce-overhead" + suffix for suffix in FROM_RECORDING),
     "reduce-overhead.2",
+    "reduce-overhead+unstaged",
+    "reduce-overhead+unstaged+sidecopy",
     "reduce-overhead+notrees",
     "reduce-overhead+nopartition",
     "default+rejoin+graph",
@@ -224,8 +232,47 @@ def compiling_as(variant: str) -> Iterator[None]:
         torch._inductor.config.patch(patches),
         _forced_rejoin("+rejoin" in variant),
         _unwrapped("+nowrap" in variant),
+        _patched("+unstaged" in variant, backend, "stage_inputs", lambda gm, examples: None),
     ):
         yield
+
+
+def _trees_copy_on_a_side_stream(
+    call: Callable[[torch.Tensor], torch.Tensor],
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``call`` (a reduce-overhead compile) with cudagraph trees' input copy issued on a side
+    stream, forked from the current one before it and joined into it after it."""
+    node_class = cudagraph_trees.CUDAGraphNode
+    copy_inputs = node_class._copy_inputs_and_remove_from_src
+    side = torch.cuda.Stream()
+
+    def on_the_side(self: cudagraph_trees.CUDAGraphNode, dsts: list, srcs: list) -> None:
+        current = torch.cuda.current_stream()
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            copy_inputs(self, dsts, srcs)
+        current.wait_stream(side)
+
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        with _patched(True, node_class, "_copy_inputs_and_remove_from_src", on_the_side):
+            return call(ids)
+
+    return run
+
+
+def _kernel_after(
+    call: Callable[[torch.Tensor], torch.Tensor],
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``call`` followed by a one-element fill on the current stream, of memory no variant
+    reads: a stand-in for a serving loop's work between two steps (its sampling)."""
+    scratch = torch.empty(1, device=torch.device("cuda", torch.cuda.current_device()))
+
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        out = call(ids)
+        scratch.fill_(0.0)
+        return out
+
+    return run
 
 
 def _distance(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> float:
@@ -476,6 +523,12 @@ def main(argv: list[str] | None = None) -> int:
         help="keep every CUDA graph's nodes and write reduce-overhead's and the hand "
         "captures' DOT prints (graph-<tokens>-<variant>.dot.gz) after the output check",
     )
+    parser.add_argument(
+        "--kernel-after-call",
+        action="store_true",
+        help="every call of every variant is followed by a one-element fill on the current "
+        "stream, as a serving loop's sampling follows each step",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if "default" not in args.variants or not set(args.variants) <= set(VARIANTS):
@@ -532,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
                     how = set(variant.rpartition("+graph")[2].split("+")) - {""}
                     with _debug_graphs(args.dump_graphs):
                         runs[variant], graphs[variant] = captured(call, ids, how)
+                elif variant == "reduce-overhead+unstaged+sidecopy":
+                    runs[variant] = _trees_copy_on_a_side_stream(call)
                 else:
                     runs[variant] = call
                 first[variant] = runs[variant](ids).float()
@@ -543,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
                         first[name] = runs[name](ids).float()
                 partitions = torch._dynamo.utils.counters["inductor"]["cudagraph_partitions"]
                 print(f"{variant}: {partitions} cudagraph partitions so far", flush=True)
+            if args.kernel_after_call:
+                runs = {variant: _kernel_after(run) for variant, run in runs.items()}
             timed = {}
             for min_run_s in args.min_run_s:
                 floor_before = copy_floor_ms(hosts, device)
@@ -594,6 +651,7 @@ def main(argv: list[str] | None = None) -> int:
         "layers": args.layers,
         "config": args.config[0],
         "copied_bytes_per_forward": sum(h.nbytes for h in hosts),
+        "kernel_after_call": args.kernel_after_call,
         "results": results,
     }
     (args.out / "mode_turns.json").write_text(json.dumps(summary, indent=1))

@@ -83,6 +83,36 @@ def test_equals_inductor_over_replays(mode, group, num, step, poison):
     )
 
 
+def test_reduce_overhead_decode_loop_on_its_own_stream_equals_inductor():
+    """Under reduce-overhead the token ids are staged (trees copy no input) and the graphs
+    launch on a stream of their own. A decode loop that feeds each output's argmax back as the
+    next ids, computed on the caller's stream right after the call, gets the un-offloaded
+    model's outputs and tokens, with poisoned slots: the caller's stream waits for the graph,
+    and the graph for the ids written on the caller's stream."""
+    from torch._inductor import cudagraph_trees
+
+    torch.manual_seed(0)
+    model = LlamaShaped(layers=8, dim=256, heads=8, kv_heads=4, hidden=512, vocab=VOCAB).cuda()
+    reference = torch.compile(clone_model(model), mode="reduce-overhead")
+    offloaded = torch.compile(
+        model,
+        backend="offload",
+        options=prefetch_options(2, 1, 1, mode="reduce-overhead", poison_slots=True),
+    )
+    ids = torch.randint(0, VOCAB, (1, 1), device="cuda")
+    with torch.no_grad():
+        for _ in range(20):
+            expected = reference(ids).clone()
+            got = offloaded(ids)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+            ids = got[:, -1:].argmax(-1)  # on the caller's stream, right after the call
+            assert torch.equal(ids, expected[:, -1:].argmax(-1))
+        node = cudagraph_trees.get_manager(ids.device.index).current_node
+        assert isinstance(node, cudagraph_trees.CUDAGraphNode)
+        assert list(node.non_static_input_idx) == []  # trees copy nothing before a replay
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+
+
 @pytest.mark.parametrize(("group", "step"), [(1, 2), (2, 1)])
 def test_capturable_model_captured_by_hand_equals_inductor(group, step):
     """With ``offload_capturable`` a default-mode compile can be captured outside Inductor, as
