@@ -13,7 +13,7 @@ caller's stream.
 An input is staged only where that cannot change what the model computes: in a graph that
 computes no gradient (one recorded for training saves inputs such as the token ids for its
 backward, which a staged buffer overwritten by the next forward would change), a CUDA tensor of
-static shape that no node of the graph may mutate and no output aliases (a staged buffer is
+contiguous memory that no node of the graph may mutate and no output aliases (a staged buffer is
 overwritten by the next call). If any input trees would copy is not stageable, the graph is
 called as it is.
 """
@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import operator
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,11 +37,18 @@ _STATIC = "_dynamo_static_input_type"
 
 @dataclass(frozen=True)
 class Staging:
-    """Where a compiled graph's staged inputs go, and the stream its calls are issued on."""
+    """Which inputs of a compiled graph are staged, their buffers, and the stream its calls
+    are issued on.
+
+    One buffer per input and size: a graph of dynamic shape gets each shape it is called with
+    recorded by trees as a graph of its own, whose static input is that shape's buffer.
+    """
 
     indices: tuple[int, ...]
-    buffers: tuple[torch.Tensor, ...]
     stream: torch.cuda.Stream
+    buffers: dict[tuple[int, torch.Size, tuple[int, ...]], torch.Tensor] = field(
+        default_factory=dict
+    )
 
     def call(self, compiled: Callable[..., Any], args: Sequence[Any]) -> Any:
         """``compiled(*args)`` with the staged inputs copied in on the caller's stream and the
@@ -49,8 +56,16 @@ class Staging:
         caller's next."""
         caller = torch.cuda.current_stream(self.stream.device)
         staged = list(args)
-        for index, buffer in zip(self.indices, self.buffers, strict=True):
-            buffer.copy_(staged[index])
+        for index in self.indices:
+            arg = staged[index]
+            key = (index, arg.size(), arg.stride())
+            buffer = self.buffers.get(key)
+            if buffer is None:
+                buffer = torch.empty_strided(
+                    arg.size(), arg.stride(), dtype=arg.dtype, device=arg.device
+                )
+                self.buffers[key] = buffer
+            buffer.copy_(arg)
             staged[index] = buffer
         self.stream.wait_stream(caller)
         with torch.cuda.stream(self.stream):
@@ -85,30 +100,25 @@ def stage_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Staging |
     if refused:
         log.debug("offload: inputs %s cannot be staged; CUDA graphs replay as trees do", refused)
         return None
-    buffers = []
-    for index, node in copied:
-        example = example_inputs[index]
-        buffer = torch.empty_strided(
-            example.size(), example.stride(), dtype=example.dtype, device=example.device
-        )
-        buffer.copy_(example)
-        buffers.append(buffer)
+    # a buffer takes the input's strides, which must then describe memory a copy can fill
+    scattered = [node.name for i, node in copied if not example_inputs[i].is_contiguous()]
+    if scattered:
+        log.debug("offload: inputs %s are not contiguous; they are not staged", scattered)
+        return None
+    for _, node in copied:
         node.meta["tensor_dict"] = {**node.meta.get("tensor_dict", {}), _STATIC: "unguarded"}
-    device = buffers[0].device
+    device = example_inputs[copied[0][0]].device
     with torch.cuda.device(device):
         stream = torch.cuda.Stream(device)
     log.debug("offload: staging inputs %s; CUDA graphs launch on their own stream", copied)
-    return Staging(tuple(i for i, _ in copied), tuple(buffers), stream)
+    return Staging(tuple(i for i, _ in copied), stream)
 
 
 def _stageable(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A CUDA tensor input of static shape, without gradient, that the graph reads only: no
-    node may mutate it or a view of it, and no output may be it or a view of it."""
+    """A tensor input without gradient that the graph reads only: no node may mutate it or a
+    view of it, and no output may be it or a view of it."""
     value = node.meta.get("example_value")
     if not isinstance(value, torch.Tensor) or value.requires_grad:
-        return False
-    sizes = (*value.shape, *value.stride(), value.storage_offset())
-    if not all(type(size) is int for size in sizes):  # symbolic: a dynamic-shape graph
         return False
     storage = StorageWeakRef(value.untyped_storage())
     outputs = set(gm.graph.find_nodes(op="output")[0].all_input_nodes)

@@ -1,4 +1,4 @@
-"""Which inputs `staging` stages: read-only CUDA inputs of static shape (the decision is made on
+"""Which inputs `staging` stages: read-only CUDA inputs (the decision is made on
 Dynamo's graph, so it is tested here on CPU graphs; the stream it launches on is CUDA-only and
 tested in test_gpu.py)."""
 
@@ -80,9 +80,12 @@ def test_an_input_an_output_aliases_is_not_staged():
     assert _stageable(gm, _input(gm, "y"))
 
 
-def test_an_input_of_dynamic_shape_is_not_staged():
+def test_an_input_of_dynamic_shape_is_stageable():
+    """Staged per shape: trees record each shape of a dynamic graph as a graph of its own."""
     gm, _ = _captured(Embed(), IDS, dynamic=True)
-    assert not _stageable(gm, _input(gm, "ids"))
+    ids = _input(gm, "ids")
+    assert not all(type(size) is int for size in ids.meta["example_value"].shape)
+    assert _stageable(gm, ids)
 
 
 def test_cpu_inputs_are_never_staged_and_the_graph_is_left_as_it_was(caplog):
