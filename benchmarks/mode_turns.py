@@ -41,6 +41,7 @@ slots and copy stream. The variants, timed in this order turn after turn:
   into their own buffer on the current stream before each replay, as they do without the
   backend; ``reduce-overhead+unstaged+sidecopy``: the same, with trees' copy moved to a
   side stream, forked from and joined into the current one (their call patched);
+  ``reduce-overhead+unstaged.2``: a second compile and recording of ``+unstaged``;
 - ``reduce-overhead+nopartition``: compiled with Inductor's ``graph_partition`` off (on by
   default since torch 2.9: with CUDA graphs, Inductor may split a graph and reorders the nodes
   it splits at);
@@ -142,6 +143,7 @@ VARIANTS = [
     "reduce-overhead.2",
     "reduce-overhead+unstaged",
     "reduce-overhead+unstaged+sidecopy",
+    "reduce-overhead+unstaged.2",
     "reduce-overhead+notrees",
     "reduce-overhead+nopartition",
     "default+rejoin+graph",

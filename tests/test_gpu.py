@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -83,13 +84,13 @@ def test_equals_inductor_over_replays(mode, group, num, step, poison):
     )
 
 
-def _trees_copied_inputs(device: torch.device) -> list[int]:
-    """Which inputs cudagraph trees copy before each replay of the graph they replayed last."""
+def _trees_copied_inputs(device: torch.device) -> list[str]:
+    """The inputs cudagraph trees copy before each replay of the graph they replayed last."""
     from torch._inductor import cudagraph_trees
 
     node = cudagraph_trees.get_manager(device.index).current_node
     assert isinstance(node, cudagraph_trees.CUDAGraphNode)
-    return list(node.non_static_input_idx)
+    return [node.wrapped_function.placeholders[i].name for i in node.non_static_input_idx]
 
 
 def test_reduce_overhead_decode_loop_on_its_own_stream_equals_inductor():
@@ -118,7 +119,7 @@ def test_reduce_overhead_decode_loop_on_its_own_stream_equals_inductor():
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
 
 
-def test_reduce_overhead_staging_of_a_dynamic_shape_graph_equals_inductor():
+def test_reduce_overhead_staging_of_a_dynamic_shape_graph_equals_inductor(caplog):
     """Prompt lengths that change make Dynamo compile a graph of dynamic shape; each length
     gets its own staged buffer (and trees their own recording), taken again when the length
     comes back. Outputs equal the un-offloaded model's at every length, with poisoned slots,
@@ -131,13 +132,14 @@ def test_reduce_overhead_staging_of_a_dynamic_shape_graph_equals_inductor():
         backend="offload",
         options=prefetch_options(2, 1, 1, mode="reduce-overhead", poison_slots=True),
     )
-    with torch.no_grad():
+    with caplog.at_level(logging.DEBUG, logger="offload_compiler"), torch.no_grad():
         for tokens in [1, 16, 7, 16, 1, 7, 16]:
             for _ in range(3):
                 ids = torch.randint(0, VOCAB, (1, tokens), device="cuda")
                 expected = reference(ids).clone()
                 torch.testing.assert_close(offloaded(ids), expected, rtol=1e-4, atol=1e-4)
-            assert _trees_copied_inputs(ids.device) == [], tokens
+            staging = [r.getMessage() for r in caplog.records if "stag" in r.getMessage()]
+            assert _trees_copied_inputs(ids.device) == [], (tokens, staging)
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
 
 
