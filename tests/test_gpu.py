@@ -90,7 +90,12 @@ def _trees_copied_inputs(device: torch.device) -> list[str]:
 
     node = cudagraph_trees.get_manager(device.index).current_node
     assert isinstance(node, cudagraph_trees.CUDAGraphNode)
-    return [node.wrapped_function.placeholders[i].name for i in node.non_static_input_idx]
+    names = [p.name for p in node.wrapped_function.placeholders]
+    inputs = node.reconstructed_inputs
+    return [
+        f"{i}:{names[i] if i < len(names) else '?'}:{getattr(inputs[i], 'shape', inputs[i])}"
+        for i in node.non_static_input_idx
+    ]
 
 
 def test_reduce_overhead_decode_loop_on_its_own_stream_equals_inductor():
