@@ -85,7 +85,8 @@ def test_equals_inductor_over_replays(mode, group, num, step, poison):
 
 
 def _trees_copied_inputs(device: torch.device) -> list[str]:
-    """The inputs cudagraph trees copy before each replay of the graph they replayed last."""
+    """The tensors cudagraph trees copy before each replay of the graph they replayed last
+    (their non-static inputs less the sizes of a dynamic-shape graph, ints they do not copy)."""
     from torch._inductor import cudagraph_trees
 
     node = cudagraph_trees.get_manager(device.index).current_node
@@ -93,8 +94,9 @@ def _trees_copied_inputs(device: torch.device) -> list[str]:
     names = [p.name for p in node.wrapped_function.placeholders]
     inputs = node.reconstructed_inputs
     return [
-        f"{i}:{names[i] if i < len(names) else '?'}:{getattr(inputs[i], 'shape', inputs[i])}"
+        f"{i}:{names[i] if i < len(names) else '?'}:{tuple(inputs[i].shape)}"
         for i in node.non_static_input_idx
+        if isinstance(inputs[i], torch.Tensor)
     ]
 
 
