@@ -35,13 +35,9 @@ slots and copy stream. The variants, timed in this order turn after turn:
 - ``reduce-overhead+notrees``: the same compile, wrapped by Inductor's plain ``cudagraphify``
   (``triton.cudagraph_trees`` off: one graph per compiled graph, inputs that are not static
   copied in before each replay) instead of cudagraph trees;
-- ``reduce-overhead+unstaged``: compiled with the backend's input staging off (`staging`:
-  under CUDA graphs the backend copies the token ids into a static buffer on the caller's
-  stream and launches the graphs on a stream of their own), so cudagraph trees copy the ids
-  into their own buffer on the current stream before each replay, as they do without the
-  backend; ``reduce-overhead+unstaged+sidecopy``: the same, with trees' copy moved to a
-  side stream, forked from and joined into the current one (their call patched);
-  ``reduce-overhead+unstaged.2``: a second compile and recording of ``+unstaged``;
+- ``reduce-overhead+sidecopy``: compiled and recorded anew, called with cudagraph trees' input
+  copy moved to a side stream, forked from and joined into the current one (their call
+  patched);
 - ``reduce-overhead+nopartition``: compiled with Inductor's ``graph_partition`` off (on by
   default since torch 2.9: with CUDA graphs, Inductor may split a graph and reorders the nodes
   it splits at);
@@ -81,6 +77,9 @@ the timed runs one more turn checks the outputs: every variant's must equal its 
 right after its warm-up (the layers' weights are scaled apart, so a slot that held another
 layer's weights shows); its distance to the uncompiled model's and to default mode's output
 (different compiles round differently) is recorded.
+
+With ``--kernel-after-call`` every call of every variant is followed by a one-element fill on
+the current stream, as a serving loop's sampling follows each step.
 
 ``mode_turns.json`` holds every run, the medians, the per-turn ratio of each variant to
 ``default``, the copy floor of the model's offloaded tensors, and per variant one more run's
@@ -141,9 +140,7 @@ VARIANTS = [
     "reduce-overhead",
     *("reduce-overhead" + suffix for suffix in FROM_RECORDING),
     "reduce-overhead.2",
-    "reduce-overhead+unstaged",
-    "reduce-overhead+unstaged+sidecopy",
-    "reduce-overhead+unstaged.2",
+    "reduce-overhead+sidecopy",
     "reduce-overhead+notrees",
     "reduce-overhead+nopartition",
     "default+rejoin+graph",
@@ -234,7 +231,6 @@ def compiling_as(variant: str) -> Iterator[None]:
         torch._inductor.config.patch(patches),
         _forced_rejoin("+rejoin" in variant),
         _unwrapped("+nowrap" in variant),
-        _patched("+unstaged" in variant, backend, "stage_inputs", lambda gm, examples: None),
     ):
         yield
 
@@ -587,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
                     how = set(variant.rpartition("+graph")[2].split("+")) - {""}
                     with _debug_graphs(args.dump_graphs):
                         runs[variant], graphs[variant] = captured(call, ids, how)
-                elif variant == "reduce-overhead+unstaged+sidecopy":
+                elif variant == "reduce-overhead+sidecopy":
                     runs[variant] = _trees_copy_on_a_side_stream(call)
                 else:
                     runs[variant] = call
