@@ -44,6 +44,22 @@ def _fresh_counters_and_memory():
     torch.cuda.empty_cache()
 
 
+def _compiled_pair(
+    mode: str, group: int, num: int, step: int, poison: bool
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A seeded 8-layer LlamaShaped model compiled in ``mode`` without offloading (the
+    reference) and, the model itself, with the offload backend and this prefetch config."""
+    torch.manual_seed(0)
+    model = LlamaShaped(layers=8, dim=256, heads=8, kv_heads=4, hidden=512, vocab=VOCAB).cuda()
+    reference = torch.compile(clone_model(model), mode=mode)
+    offloaded = torch.compile(
+        model,
+        backend="offload",
+        options=prefetch_options(group, num, step, mode=mode, poison_slots=poison),
+    )
+    return reference, offloaded
+
+
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 @pytest.mark.parametrize(
     ("group", "num", "step", "poison"),
@@ -55,14 +71,7 @@ def test_equals_inductor_over_replays(mode, group, num, step, poison):
     With ``poison_slots`` every start_prefetch first fills its slot with NaN on the compute
     stream, so a kernel that read a slot after its copy began would put NaN in the output.
     """
-    torch.manual_seed(0)
-    model = LlamaShaped(layers=8, dim=256, heads=8, kv_heads=4, hidden=512, vocab=VOCAB).cuda()
-    reference = torch.compile(clone_model(model), mode=mode)
-    offloaded = torch.compile(
-        model,
-        backend="offload",
-        options=prefetch_options(group, num, step, mode=mode, poison_slots=poison),
-    )
+    reference, offloaded = _compiled_pair(mode, group, num, step, poison)
     worst = 0.0
     with torch.no_grad():
         for _ in range(25):
@@ -88,14 +97,7 @@ def test_reduce_overhead_decode_loop_equals_inductor():
     caller's stream right after the call (so trees copy ids that a kernel has just written,
     with a kernel between every two replays), gets the un-offloaded model's outputs and tokens
     under reduce-overhead, with poisoned slots."""
-    torch.manual_seed(0)
-    model = LlamaShaped(layers=8, dim=256, heads=8, kv_heads=4, hidden=512, vocab=VOCAB).cuda()
-    reference = torch.compile(clone_model(model), mode="reduce-overhead")
-    offloaded = torch.compile(
-        model,
-        backend="offload",
-        options=prefetch_options(2, 1, 1, mode="reduce-overhead", poison_slots=True),
-    )
+    reference, offloaded = _compiled_pair("reduce-overhead", 2, 1, 1, poison=True)
     ids = torch.randint(0, VOCAB, (1, 1), device="cuda")
     with torch.no_grad():
         for _ in range(20):
@@ -449,14 +451,7 @@ def _pinned_bytes() -> int:
 
 def test_soak_1000_replays_memory_flat():
     """1000 reduce-overhead replays with fresh inputs: equal outputs, no memory growth."""
-    torch.manual_seed(0)
-    model = LlamaShaped(layers=8, dim=256, heads=8, kv_heads=4, hidden=512, vocab=VOCAB).cuda()
-    reference = torch.compile(clone_model(model), mode="reduce-overhead")
-    offloaded = torch.compile(
-        model,
-        backend="offload",
-        options=prefetch_options(2, 1, 2, mode="reduce-overhead", poison_slots=True),
-    )
+    reference, offloaded = _compiled_pair("reduce-overhead", 2, 1, 2, poison=True)
     inputs = torch.randint(0, VOCAB, (1000, 2, 32), device="cuda")
     worst = 0.0
     with torch.no_grad():
