@@ -245,11 +245,7 @@ def _trees_copy_on_a_side_stream(
     side = torch.cuda.Stream()
 
     def on_the_side(self: cudagraph_trees.CUDAGraphNode, dsts: list, srcs: list) -> None:
-        current = torch.cuda.current_stream()
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            copy_inputs(self, dsts, srcs)
-        current.wait_stream(side)
+        _forked(side, lambda: copy_inputs(self, dsts, srcs))
 
     def run(ids: torch.Tensor) -> torch.Tensor:
         with _patched(True, node_class, "_copy_inputs_and_remove_from_src", on_the_side):
@@ -263,11 +259,11 @@ def _kernel_after(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``call`` followed by a one-element fill on the current stream, of memory no variant
     reads: a stand-in for a serving loop's work between two steps (its sampling)."""
-    scratch = torch.empty(1, device=torch.device("cuda", torch.cuda.current_device()))
+    kernel = _between("kernel", [])
 
     def run(ids: torch.Tensor) -> torch.Tensor:
         out = call(ids)
-        scratch.fill_(0.0)
+        kernel()
         return out
 
     return run
@@ -276,6 +272,15 @@ def _kernel_after(
 def _distance(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> float:
     """Largest difference of two outputs, relative to the largest magnitude of the reference."""
     return ((a - b).abs().max() / scale).item()
+
+
+def _forked(side: torch.cuda.Stream, work: Callable[[], object]) -> None:
+    """``work`` issued on ``side``, which waits for the current stream before it and which the
+    current stream waits for after it."""
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        work()
+    torch.cuda.current_stream().wait_stream(side)
 
 
 def _between(kind: str, inputs: list[torch.Tensor]) -> Callable[[], None]:
@@ -303,10 +308,7 @@ def _between(kind: str, inputs: list[torch.Tensor]) -> Callable[[], None]:
             dst.copy_(src)
 
     def sidecopy() -> None:
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            copy()
-        torch.cuda.current_stream().wait_stream(side)
+        _forked(side, copy)
 
     def mark() -> None:
         event.record()
