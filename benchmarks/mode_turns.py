@@ -9,8 +9,9 @@ offloaded once and compiled several times, each compile a torch.compile wrapper 
 the same model (so Dynamo compiles each afresh) sharing one runtime: the same host memory,
 slots and copy stream. The variants, timed in this order turn after turn:
 
-- ``reduce-overhead``, ``reduce-overhead.2``: compiled with ``triton.cudagraphs`` on (what
-  ``mode="reduce-overhead"`` sets); two recordings of the same graphs;
+- ``reduce-overhead``, ``reduce-overhead.2`` to ``.4``: compiled with ``triton.cudagraphs`` on
+  (what ``mode="reduce-overhead"`` sets); up to four recordings of the same graphs, to tell a
+  slow recording from a slow process;
 - ``reduce-overhead+replay``: ``reduce-overhead``'s own recording (its cudagraph trees node's
   ``torch.cuda.CUDAGraph``) replayed directly, without trees' Python around it (their input
   copy, checks and output bookkeeping): tells a slow recording from a slow replay path;
@@ -140,6 +141,8 @@ VARIANTS = [
     "reduce-overhead",
     *("reduce-overhead" + suffix for suffix in FROM_RECORDING),
     "reduce-overhead.2",
+    "reduce-overhead.3",
+    "reduce-overhead.4",
     "reduce-overhead+sidecopy",
     "reduce-overhead+notrees",
     "reduce-overhead+nopartition",
