@@ -272,6 +272,18 @@ def _kernel_after(
     return run
 
 
+def _in_nvtx_range(
+    variant: str, run: Callable[[torch.Tensor], torch.Tensor]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``run`` with each call inside an NVTX range named ``variant``."""
+
+    def ranged(ids: torch.Tensor) -> torch.Tensor:
+        with torch.cuda.nvtx.range(variant):
+            return run(ids)
+
+    return ranged
+
+
 def _distance(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> float:
     """Largest difference of two outputs, relative to the largest magnitude of the reference."""
     return ((a - b).abs().max() / scale).item()
@@ -532,6 +544,12 @@ def main(argv: list[str] | None = None) -> int:
         help="every call of every variant is followed by a one-element fill on the current "
         "stream, as a serving loop's sampling follows each step",
     )
+    parser.add_argument(
+        "--nvtx",
+        action="store_true",
+        help="every call of every variant in an NVTX range named after it, for an Nsight "
+        "Systems trace that benchmarks.graph_trace summarises",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if "default" not in args.variants or not set(args.variants) <= set(VARIANTS):
@@ -603,6 +621,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{variant}: {partitions} cudagraph partitions so far", flush=True)
             if args.kernel_after_call:
                 runs = {variant: _kernel_after(run) for variant, run in runs.items()}
+            if args.nvtx:
+                runs = {variant: _in_nvtx_range(variant, run) for variant, run in runs.items()}
             timed = {}
             for min_run_s in args.min_run_s:
                 floor_before = copy_floor_ms(hosts, device)
