@@ -298,6 +298,27 @@ def _forked(side: torch.cuda.Stream, work: Callable[[], object]) -> None:
     torch.cuda.current_stream().wait_stream(side)
 
 
+def graphs_before(count: int, fork: bool, device: torch.device) -> list[torch.cuda.CUDAGraph]:
+    """``count`` small CUDA graphs, captured (and replayed once) before any variant records its
+    own and kept alive meanwhile: whether a recording is slow for its place among the process's
+    graphs. Each scales a small tensor and, if ``fork``, copies 1 MiB of pinned memory on a
+    forked side stream, as the model's graphs copy their weights."""
+    host = torch.ones(2**18, pin_memory=True)
+    dst = torch.zeros(2**18, device=device)
+    side = torch.cuda.Stream(device)
+    graphs = []
+    for _ in range(count):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            dst.mul_(1.0)
+            if fork:
+                _forked(side, lambda: dst.copy_(host, non_blocking=True))
+        graph.replay()
+        graphs.append(graph)
+    torch.cuda.synchronize()
+    return graphs
+
+
 def _between(kind: str, inputs: list[torch.Tensor]) -> Callable[[], None]:
     """Work on the current stream between two replays of a graph that reads ``inputs``: the
     steps of ``kind`` (``+``-joined, in order; ``""`` is none).
@@ -545,6 +566,12 @@ def main(argv: list[str] | None = None) -> int:
         "stream, as a serving loop's sampling follows each step",
     )
     parser.add_argument(
+        "--graphs-before",
+        default="0",
+        help="N or N:fork: N small CUDA graphs (with a forked copy branch) captured and kept "
+        "alive before the variants record theirs",
+    )
+    parser.add_argument(
         "--nvtx",
         action="store_true",
         help="every call of every variant in an NVTX range named after it, for an Nsight "
@@ -587,6 +614,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         calls[variant] = _call(compiled)
     inputs = {t: torch.randint(0, LLAMA_8B["vocab"], (1, t), device=device) for t in args.tokens}
+    count, _, kind = args.graphs_before.partition(":")
+    kept = graphs_before(int(count), kind == "fork", device)  # alive until the summary
     results = []
     with torch.no_grad():
         for tokens, ids in inputs.items():
@@ -675,6 +704,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": args.config[0],
         "copied_bytes_per_forward": sum(h.nbytes for h in hosts),
         "kernel_after_call": args.kernel_after_call,
+        "graphs_before": {"count": len(kept), "fork": kind == "fork"},
         "results": results,
     }
     (args.out / "mode_turns.json").write_text(json.dumps(summary, indent=1))
