@@ -14,7 +14,9 @@ slots and copy stream. The variants, timed in this order turn after turn:
   slow recording from a slow process;
 - ``reduce-overhead+replay``: ``reduce-overhead``'s own recording (its cudagraph trees node's
   ``torch.cuda.CUDAGraph``) replayed directly, without trees' Python around it (their input
-  copy, checks and output bookkeeping): tells a slow recording from a slow replay path;
+  copy, checks and output bookkeeping): tells a slow recording from a slow replay path. This
+  and the other variants made from a recording (down to ``+nocopy+sidestream``) exist for
+  ``reduce-overhead.2`` to ``.4`` too (``reduce-overhead.3+replay``...);
 - ``reduce-overhead+replay+copy``: the same with trees' one piece of device work before each
   replay, the copy of the inputs that are not static into the graph's own (a
   ``torch._foreach_copy_`` from copies of them made once); ``+memcpy``, ``+kernel``,
@@ -137,12 +139,9 @@ FROM_RECORDING = [
 ]
 _Patch = contextlib.AbstractContextManager[object]
 
+RECORDINGS = ["reduce-overhead", "reduce-overhead.2", "reduce-overhead.3", "reduce-overhead.4"]
 VARIANTS = [
-    "reduce-overhead",
-    *("reduce-overhead" + suffix for suffix in FROM_RECORDING),
-    "reduce-overhead.2",
-    "reduce-overhead.3",
-    "reduce-overhead.4",
+    *(recording + suffix for recording in RECORDINGS for suffix in ["", *FROM_RECORDING]),
     "reduce-overhead+sidecopy",
     "reduce-overhead+notrees",
     "reduce-overhead+nopartition",
@@ -581,13 +580,15 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if "default" not in args.variants or not set(args.variants) <= set(VARIANTS):
         parser.error(f"--variants: a subsequence of {VARIANTS} with default")
-    replays = [
-        v
+    replays = {  # variant -> the recording it is made from
+        v: recording
+        for recording in RECORDINGS
         for v in VARIANTS
-        if v in args.variants and v.removeprefix("reduce-overhead") in FROM_RECORDING
-    ]
-    if replays and "reduce-overhead" not in args.variants:
-        parser.error("--variants: reduce-overhead+replay replays reduce-overhead's recording")
+        if v in args.variants and v.startswith(recording + "+")
+        if v.removeprefix(recording) in FROM_RECORDING
+    }
+    if not set(replays.values()) <= set(args.variants):
+        parser.error("--variants: reduce-overhead[.N]+replay... needs reduce-overhead[.N]")
     graphs = [v for v in args.variants if v.startswith("reduce-overhead") or "+graph" in v]
     if graphs and "default+rejoin" not in args.variants:
         # a replay leaves its slots as the CUDA-graph schedule does without telling the
@@ -627,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
                 with compiling_as(variant), _debug_graphs(args.dump_graphs):
                     for _ in range(3):  # compile, cudagraph warm-up, recording
                         call(ids)
-                if variant == "reduce-overhead":
+                if variant in RECORDINGS:
                     graphs[variant] = cudagraph_trees.get_manager(device.index).current_node.graph
                 # captured right after its own warm-up, which joined its copies: nothing
                 # another variant started is pending
@@ -640,10 +641,11 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     runs[variant] = call
                 first[variant] = runs[variant](ids).float()
-                if variant == "reduce-overhead" and replays:
+                derived = [name for name, recording in replays.items() if recording == variant]
+                if derived:
                     runs[variant], direct = _tree_replay(device, call)
                     first[variant] = runs[variant](ids).float()
-                    for name in replays:
+                    for name in derived:
                         runs[name] = direct[name.removeprefix(variant)]
                         first[name] = runs[name](ids).float()
                 partitions = torch._dynamo.utils.counters["inductor"]["cudagraph_partitions"]

@@ -153,7 +153,8 @@ def test_profile_summary_counts_copies_gaps_memsets_and_kernels_per_call():
         # a replay leaves the slots without telling the runtime: default would read a stale one
         ("reduce-overhead,default", "need default+rejoin"),
         ("default+rejoin+graph,default", "need default+rejoin"),
-        ("reduce-overhead+replay,default+rejoin,default", "replays reduce-overhead's recording"),
+        ("reduce-overhead+replay,default+rejoin,default", "needs reduce-overhead[.N]"),
+        ("reduce-overhead,reduce-overhead.3+nocopy,default+rejoin,default", "needs reduce"),
         ("reduce-overhead,default+rejoin", "with default"),
     ],
 )
