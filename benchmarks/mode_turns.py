@@ -38,9 +38,13 @@ slots and copy stream. The variants, timed in this order turn after turn:
 - ``reduce-overhead+notrees``: the same compile, wrapped by Inductor's plain ``cudagraphify``
   (``triton.cudagraph_trees`` off: one graph per compiled graph, inputs that are not static
   copied in before each replay) instead of cudagraph trees;
-- ``reduce-overhead+sidecopy``: compiled and recorded anew, called with cudagraph trees' input
-  copy moved to a side stream, forked from and joined into the current one (their call
-  patched);
+- ``reduce-overhead+unstaged``: compiled with the backend's input staging off (`staging`:
+  under CUDA graphs the backend copies the token ids into a static buffer on the caller's
+  stream and launches the graphs on a stream of their own), so cudagraph trees copy the ids
+  into their own buffer on the current stream before each replay, as they do without the
+  backend; ``reduce-overhead+unstaged+sidecopy``: the same, with trees' copy moved to a
+  side stream, forked from and joined into the current one (their call patched);
+  ``reduce-overhead+unstaged.2``, ``.3``: more compiles and recordings of ``+unstaged``;
 - ``reduce-overhead+nopartition``: compiled with Inductor's ``graph_partition`` off (on by
   default since torch 2.9: with CUDA graphs, Inductor may split a graph and reorders the nodes
   it splits at);
@@ -142,7 +146,10 @@ _Patch = contextlib.AbstractContextManager[object]
 RECORDINGS = ["reduce-overhead", "reduce-overhead.2", "reduce-overhead.3", "reduce-overhead.4"]
 VARIANTS = [
     *(recording + suffix for recording in RECORDINGS for suffix in ["", *FROM_RECORDING]),
-    "reduce-overhead+sidecopy",
+    "reduce-overhead+unstaged",
+    "reduce-overhead+unstaged.2",
+    "reduce-overhead+unstaged.3",
+    "reduce-overhead+unstaged+sidecopy",
     "reduce-overhead+notrees",
     "reduce-overhead+nopartition",
     "default+rejoin+graph",
@@ -233,6 +240,7 @@ def compiling_as(variant: str) -> Iterator[None]:
         torch._inductor.config.patch(patches),
         _forced_rejoin("+rejoin" in variant),
         _unwrapped("+nowrap" in variant),
+        _patched("+unstaged" in variant, backend, "stage_inputs", lambda gm, examples: None),
     ):
         yield
 
@@ -636,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
                     how = set(variant.rpartition("+graph")[2].split("+")) - {""}
                     with _debug_graphs(args.dump_graphs):
                         runs[variant], graphs[variant] = captured(call, ids, how)
-                elif variant == "reduce-overhead+sidecopy":
+                elif variant == "reduce-overhead+unstaged+sidecopy":
                     runs[variant] = _trees_copy_on_a_side_stream(call)
                 else:
                     runs[variant] = call

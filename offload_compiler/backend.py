@@ -32,6 +32,7 @@ from .fx_pass import FetchRead, OffloadPrefetchPass, Rewrite, SlotRead, UVAFetch
 from .planning import plan_prefetch, plan_uva, shared_parameters
 from .pool import offload_parameters
 from .runtime import OffloadRuntime, fetcher_for, runtime_for
+from .staging import stage_inputs
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +91,16 @@ def compile_rewrite(
     """Inductor-compile a rewritten graph; the callable takes Dynamo's inputs.
 
     It appends the slot buffers to the inputs and drops the token outputs from the results.
+    Under CUDA graphs, the inputs cudagraph trees would copy are staged so that the graphs
+    launch on a stream of their own (`staging`).
     """
     placeholders = result.gm.graph.find_nodes(op="placeholder")
     slot_examples = [n.meta["example_value"] for n in placeholders[len(example_inputs) :]]
+    cudagraphs = patches.get("triton.cudagraphs", torch._inductor.config.triton.cudagraphs)
+    staging = stage_inputs(result.gm, example_inputs) if cudagraphs else None
+    # Dynamo's own example inputs even where staged: AOTAutograd finds their fake tensors in
+    # its memo; a staged buffer would get fresh symbolic sizes without a source, which breaks
+    # Dynamo's shape guards (a graph-break model failed so in session 8)
     compiled = compile_fx(
         result.gm,
         [*example_inputs, *slot_examples],
@@ -101,7 +109,10 @@ def compile_rewrite(
     slots, extra = result.slots, result.extra_outputs
 
     def run(*args: Any) -> Any:
-        outputs = compiled(*args, *slots)
+        if staging is None:
+            outputs = compiled(*args, *slots)
+        else:
+            outputs = staging.call(compiled, [*args, *slots])
         return outputs[:-extra] if extra else outputs
 
     return run

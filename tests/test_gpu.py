@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -92,11 +93,28 @@ def test_equals_inductor_over_replays(mode, group, num, step, poison):
     )
 
 
-def test_reduce_overhead_decode_loop_equals_inductor():
-    """A decode loop that feeds each output's argmax back as the next ids, computed on the
-    caller's stream right after the call (so trees copy ids that a kernel has just written,
-    with a kernel between every two replays), gets the un-offloaded model's outputs and tokens
-    under reduce-overhead, with poisoned slots."""
+def _trees_copied_inputs(device: torch.device) -> list[str]:
+    """The tensors cudagraph trees copy before each replay of the graph they replayed last
+    (their non-static inputs less the sizes of a dynamic-shape graph, ints they do not copy)."""
+    from torch._inductor import cudagraph_trees
+
+    node = cudagraph_trees.get_manager(device.index).current_node
+    assert isinstance(node, cudagraph_trees.CUDAGraphNode)
+    names = [p.name for p in node.wrapped_function.placeholders]
+    inputs = node.reconstructed_inputs
+    return [
+        f"{i}:{names[i] if i < len(names) else '?'}:{tuple(inputs[i].shape)}"
+        for i in node.non_static_input_idx
+        if isinstance(inputs[i], torch.Tensor)
+    ]
+
+
+def test_reduce_overhead_decode_loop_on_its_own_stream_equals_inductor():
+    """Under reduce-overhead the token ids are staged (trees copy no input) and the graphs
+    launch on a stream of their own. A decode loop that feeds each output's argmax back as the
+    next ids, computed on the caller's stream right after the call, gets the un-offloaded
+    model's outputs and tokens, with poisoned slots: the caller's stream waits for the graph,
+    and the graph for the ids written on the caller's stream."""
     reference, offloaded = _compiled_pair("reduce-overhead", 2, 1, 1, poison=True)
     ids = torch.randint(0, VOCAB, (1, 1), device="cuda")
     with torch.no_grad():
@@ -106,7 +124,49 @@ def test_reduce_overhead_decode_loop_equals_inductor():
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
             ids = got[:, -1:].argmax(-1)  # on the caller's stream, right after the call
             assert torch.equal(ids, expected[:, -1:].argmax(-1))
+        assert _trees_copied_inputs(ids.device) == []  # trees copy nothing before a replay
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+
+
+def test_reduce_overhead_staging_of_a_dynamic_shape_graph_equals_inductor(caplog):
+    """Prompt lengths that change make Dynamo compile a graph of dynamic shape; each length
+    gets its own staged buffer (and trees their own recording), taken again when the length
+    comes back. Outputs equal the un-offloaded model's at every length, with poisoned slots,
+    and trees copy no input."""
+    torch.manual_seed(0)
+    model = LlamaShaped(layers=8, dim=256, heads=8, kv_heads=4, hidden=512, vocab=VOCAB).cuda()
+    reference = torch.compile(clone_model(model), mode="reduce-overhead")
+    offloaded = torch.compile(
+        model,
+        backend="offload",
+        options=prefetch_options(2, 1, 1, mode="reduce-overhead", poison_slots=True),
+    )
+    with caplog.at_level(logging.DEBUG, logger="offload_compiler"), torch.no_grad():
+        for tokens in [1, 16, 7, 16, 1, 7, 16]:
+            for _ in range(3):
+                ids = torch.randint(0, VOCAB, (1, tokens), device="cuda")
+                expected = reference(ids).clone()
+                torch.testing.assert_close(offloaded(ids), expected, rtol=1e-4, atol=1e-4)
+            staging = [r.getMessage() for r in caplog.records if "stag" in r.getMessage()]
+            assert _trees_copied_inputs(ids.device) == [], (tokens, staging)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+
+
+def test_reduce_overhead_leaves_a_non_contiguous_input_to_trees():
+    """A staged buffer takes the input's strides, which a copy cannot fill for a transposed
+    input: such an input is not staged, trees copy it, and the outputs stay right."""
+    torch.manual_seed(0)
+    model = MLPStack(layers=6, dim=512).cuda()
+    reference = torch.compile(clone_model(model), mode="reduce-overhead")
+    offloaded = torch.compile(
+        model, backend="offload", options=prefetch_options(2, 1, 1, mode="reduce-overhead")
+    )
+    with torch.no_grad():
+        for _ in range(5):
+            x = torch.randn(512, 64, device="cuda").t()
+            assert not x.is_contiguous()
+            torch.testing.assert_close(offloaded(x).clone(), reference(x).clone())
+        assert _trees_copied_inputs(x.device) != []
 
 
 @pytest.mark.parametrize(("group", "step"), [(1, 2), (2, 1)])
