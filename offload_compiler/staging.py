@@ -2,13 +2,14 @@
 
 Under ``mode="reduce-overhead"`` cudagraph trees copy each input that is not static (the token
 ids) into the graph's own buffer, with a kernel on the current stream, right before each replay.
-On the H100 a replay of an offloaded model that follows any kernel on the stream it is launched
-on (that copy, a one-element fill, a serving loop's sampling) ran 3-4% slower at decode than
-replays back to back, while the same kernel on another stream cost nothing
-(docs/benchmarks.md, session 8). So here each such input is copied into a buffer of ours on the
-caller's stream, marked static (trees copy nothing), and the compiled graph is called on a
-stream that carries nothing but the graphs' launches and the waits that order them with the
-caller's stream.
+On the H100 some recordings of an offloaded model (of several of identical code in one process,
+one or two) replay 3% slower at decode when any kernel precedes their launch on the same stream
+(that copy, a one-element fill, a serving loop's sampling), and as fast as default mode when
+launched back to back or from a stream of their own with the kernel on the caller's
+(docs/benchmarks.md, sessions 8 and 10). So here each such input is copied into a buffer of
+ours on the caller's stream, marked static (trees copy nothing), and the compiled graph is
+called on a stream that carries nothing but the graphs' launches and the waits that order them
+with the caller's stream.
 
 An input is staged only where that cannot change what the model computes: in a graph that
 computes no gradient (one recorded for training saves inputs such as the token ids for its
