@@ -85,6 +85,12 @@ right after its warm-up (the layers' weights are scaled apart, so a slot that he
 layer's weights shows); its distance to the uncompiled model's and to default mode's output
 (different compiles round differently) is recorded.
 
+With ``--timeline copies`` (or ``compute``) the runtime's ops stamp a log on the device, in
+the CUDA graphs too (`benchmarks.graph_timeline`): after the timed runs, back-to-back calls of
+each variant are logged, and the copy engine's busy and idle time, the bandwidth of each copy
+and the compute stream's waits per call go into ``mode_turns.json`` (``timeline``) and, per
+unit with the raw logs, into ``timeline-<tokens>.json.gz``.
+
 With ``--kernel-after-call`` every call of every variant is followed by a one-element fill on
 the current stream, as a serving loop's sampling follows each step.
 
@@ -116,6 +122,8 @@ from unittest import mock
 import torch
 from torch._inductor import compiler_bisector, cudagraph_trees
 
+from benchmarks.graph_timeline import Timeline
+from benchmarks.graph_timeline import summarise as summarise_timeline
 from benchmarks.offload_bench import (
     LLAMA_8B,
     _call,
@@ -579,6 +587,15 @@ def main(argv: list[str] | None = None) -> int:
         "alive before the variants record theirs",
     )
     parser.add_argument(
+        "--timeline",
+        choices=["copies", "compute"],
+        help="the runtime's ops stamp a device-side log (benchmarks.graph_timeline), in the "
+        "CUDA graphs too; after timing, --timeline-calls back-to-back calls of each variant are "
+        "logged and summarised (timeline-<tokens>.json.gz). `compute` leaves the copy stream "
+        "free of the stamps after each copy",
+    )
+    parser.add_argument("--timeline-calls", type=int, default=40)
+    parser.add_argument(
         "--nvtx",
         action="store_true",
         help="every call of every variant in an NVTX range named after it, for an Nsight "
@@ -626,7 +643,8 @@ def main(argv: list[str] | None = None) -> int:
     count, _, kind = args.graphs_before.partition(":")
     kept = graphs_before(int(count), kind == "fork", device)  # alive until the summary
     results = []
-    with torch.no_grad():
+    timeline = Timeline(device, copies=args.timeline == "copies") if args.timeline else None
+    with torch.no_grad(), timeline.patched() if timeline else contextlib.nullcontext():
         for tokens, ids in inputs.items():
             expected = _call(model)(ids).float()  # reads the offloaded weights in place
             runs: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
@@ -677,6 +695,19 @@ def main(argv: list[str] | None = None) -> int:
                     prof = profiled_calls(functools.partial(run, ids), args.profile)
                     profiles[variant] = summarise(prof, args.profile, top=40)
                 (args.out / f"profile-{tokens}.json").write_text(json.dumps(profiles, indent=1))
+            timelines = {}
+            if timeline:
+                logs = {}
+                for variant, run in runs.items():  # in turn order, as timed
+                    timeline.reset()
+                    for _ in range(args.timeline_calls):
+                        run(ids)
+                    logs[variant] = timeline.read()
+                    timelines[variant] = summarise_timeline(logs[variant], timeline.unit_bytes)
+                    print(variant, json.dumps({**timelines[variant], "units": "..."}), flush=True)
+                dump = {"unit_bytes": timeline.unit_bytes, "summaries": timelines, "logs": logs}
+                name = f"timeline-{tokens}.json.gz"
+                (args.out / name).write_bytes(gzip.compress(json.dumps(dump).encode()))
             # one more turn: each variant's output must not have changed since its warm-up
             # (the same kernels; the layers' weights are scaled apart, so a slot that held
             # another layer's weights shows)
@@ -704,6 +735,9 @@ def main(argv: list[str] | None = None) -> int:
                             "copy_floor_ms": floor,
                             "output_changed_by": changed.get(variant, 0.0),
                             **returns[variant],
+                            "timeline": {
+                                k: v for k, v in timelines.get(variant, {}).items() if k != "units"
+                            },
                         }
                     )
                     print(json.dumps({k: v for k, v in results[-1].items() if k != "ms_runs"}))
