@@ -35,6 +35,11 @@ slots and copy stream. The variants, timed in this order turn after turn:
   too); ``reduce-overhead+nocopy``, ``+nocopy+sidestream``: trees' own call with their input
   copy left out (the graph reads the ids it last got; mode_turns never changes them), on the
   current stream and on a stream of its own;
+- ``reduce-overhead+partitioned``, ``.2``: compiled with Inductor's graph partitioning at
+  every prefetch op and default mode's schedule (no rejoin): the copies and waits run eagerly
+  between captured pieces of compute, as cudaMemcpyAsync calls on the copy stream, not as
+  memcpy nodes of a CUDA graph (session 5's measured and reverted design; with per-layer
+  streaming a forward has two pieces per offloaded layer instead of two per parameter);
 - ``reduce-overhead+notrees``: the same compile, wrapped by Inductor's plain ``cudagraphify``
   (``triton.cudagraph_trees`` off: one graph per compiled graph, inputs that are not static
   copied in before each replay) instead of cudagraph trees;
@@ -158,6 +163,8 @@ VARIANTS = [
     "reduce-overhead+unstaged.2",
     "reduce-overhead+unstaged.3",
     "reduce-overhead+unstaged+sidecopy",
+    "reduce-overhead+partitioned",
+    "reduce-overhead+partitioned.2",
     "reduce-overhead+notrees",
     "reduce-overhead+nopartition",
     "default+rejoin+graph",
@@ -178,17 +185,30 @@ def _patched(enabled: bool, owner: object, name: str, value: object) -> _Patch:
     return mock.patch.object(owner, name, value) if enabled else contextlib.nullcontext()
 
 
-def _forced_rejoin(force: bool) -> _Patch:
-    """Compile with the CUDA-graph schedule (``rejoin``) whatever the mode: what
-    ``prefetch.offload_capturable`` does, but without changing the configuration, which the
-    variants must share (one configuration, one runtime)."""
+def _forced_rejoin(force: bool | None) -> _Patch:
+    """Compile with the CUDA-graph schedule (``rejoin``) whatever the mode if ``force``
+    (what ``prefetch.offload_capturable`` does, but without changing the configuration, which
+    the variants must share: one configuration, one runtime), or with default mode's (the
+    next forward's copies left running) if ``force`` is False; as the mode says if None."""
     original = backend.OffloadPrefetchPass
 
     class Rejoin(original):
         def __init__(self, reads: dict, rejoin: bool, per_param: bool = False) -> None:
-            super().__init__(reads, True, per_param)
+            super().__init__(reads, bool(force), per_param)
 
-    return _patched(force, backend, "OffloadPrefetchPass", Rejoin)
+    return _patched(force is not None, backend, "OffloadPrefetchPass", Rejoin)
+
+
+# Inductor's graph partitioning at every prefetch op: the ops run eagerly between the captured
+# pieces (the backend's schedule under reduce-overhead from 88b6105 to 511691f, session 5)
+_PARTITIONED = {
+    "graph_partition": True,
+    "custom_should_partition_ops": [
+        "offload::wait_prefetch",
+        "offload::start_prefetch",
+        "offload::join_after_forward",
+    ],
+}
 
 
 def _debug_graphs(enabled: bool) -> _Patch:
@@ -238,15 +258,17 @@ def _unwrapped(enabled: bool) -> _Patch:
 def compiling_as(variant: str) -> Iterator[None]:
     """The global settings a variant's compiles run under."""
     graphs = variant.startswith("reduce-overhead")
+    partitioned = "+partitioned" in variant
     patches = {
         "triton.cudagraphs": graphs,
         "triton.cudagraph_trees": not variant.endswith("+notrees"),
         "graph_partition": torch._inductor.config.graph_partition
         and not variant.endswith("+nopartition"),
+        **(_PARTITIONED if partitioned else {}),
     }
     with (
         torch._inductor.config.patch(patches),
-        _forced_rejoin("+rejoin" in variant),
+        _forced_rejoin(True if "+rejoin" in variant else False if partitioned else None),
         _unwrapped("+nowrap" in variant),
         _patched("+unstaged" in variant, backend, "stage_inputs", lambda gm, examples: None),
     ):
