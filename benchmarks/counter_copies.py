@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-run-s", type=float, default=1.0)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    print("building the pipeline", flush=True)
     pipe = Pipeline(args.layers, args.weights, args.resident)
     memops = StreamMemOps()
     wait_landed, bump = _kernels()
@@ -228,13 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         expected = joined().float().clone()
         torch.cuda.synchronize()
-        variants = {
-            "eager": eager,
-            "graph": graph_variant(),
-            "graph.2": graph_variant(),
-            "counters": counter_variant(),
-            "counters.2": counter_variant(),
-        }
+        variants: dict[str, Callable[[], torch.Tensor]] = {"eager": eager}
+        for name, make in [
+            ("graph", graph_variant),
+            ("graph.2", graph_variant),
+            ("counters", counter_variant),
+            ("counters.2", counter_variant),
+        ]:
+            print(f"recording {name}", flush=True)
+            variants[name] = make()
+        print("first calls", flush=True)
         first = {name: run().float().clone() for name, run in variants.items()}
         torch.cuda.synchronize()
         floor = _copy_floor_ms(pipe)
