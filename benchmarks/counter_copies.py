@@ -138,6 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     pipe = Pipeline(args.layers, args.weights, args.resident)
     memops = StreamMemOps()
     wait_landed, bump = _kernels()
+    # load both kernels before any copy waits on a counter: Triton loads a kernel's module at
+    # its first launch, which waited for the device while the copy stream sat on a counter only
+    # that kernel would bump (the first device run hung in Triton's _init_handles)
+    warm = torch.ones(2, dtype=torch.int32, device="cuda")
+    bump[(1,)](warm[0:], num_warps=1)  # landed 2
+    wait_landed[(1,)](warm[0:], warm[1:], num_warps=1)  # 2 >= reads 1 + 1: returns at once
+    torch.cuda.synchronize()
     compute = torch.cuda.current_stream()
 
     def eager_read(layer: int, weight: int, h: torch.Tensor) -> torch.Tensor:
