@@ -47,15 +47,17 @@ def _kernels() -> tuple[Callable, Callable]:
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def wait_landed(landed_ptr, reads_ptr):
-        need = tl.atomic_add(reads_ptr, 0, sem="relaxed") + 1
-        while tl.atomic_add(landed_ptr, 0, sem="acquire") < need:
+    # one build each for every slot: the counters' base pointers (fresh allocations, equally
+    # aligned) and an unspecialised index, so no build (and module load) happens after the warm-up
+    @triton.jit(do_not_specialize=["index"])
+    def wait_landed(landed_ptr, reads_ptr, index):
+        need = tl.atomic_add(reads_ptr + index, 0, sem="relaxed") + 1
+        while tl.atomic_add(landed_ptr + index, 0, sem="acquire") < need:
             pass
 
-    @triton.jit
-    def bump(reads_ptr):
-        tl.atomic_add(reads_ptr, 1, sem="release")
+    @triton.jit(do_not_specialize=["index"])
+    def bump(reads_ptr, index):
+        tl.atomic_add(reads_ptr + index, 1, sem="release")
 
     return wait_landed, bump
 
@@ -141,9 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     # load both kernels before any copy waits on a counter: Triton loads a kernel's module at
     # its first launch, which waited for the device while the copy stream sat on a counter only
     # that kernel would bump (the first device run hung in Triton's _init_handles)
-    warm = torch.ones(2, dtype=torch.int32, device="cuda")
-    bump[(1,)](warm[0:], num_warps=1)  # landed 2
-    wait_landed[(1,)](warm[0:], warm[1:], num_warps=1)  # 2 >= reads 1 + 1: returns at once
+    landed_warm = torch.ones(1, dtype=torch.int32, device="cuda")
+    reads_warm = torch.zeros(1, dtype=torch.int32, device="cuda")
+    wait_landed[(1,)](landed_warm, reads_warm, 0, num_warps=1)  # 1 >= 0 + 1: returns at once
+    bump[(1,)](reads_warm, 0, num_warps=1)
     torch.cuda.synchronize()
     compute = torch.cuda.current_stream()
 
@@ -194,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         copies = [0] * args.weights  # copies issued into each slot so far
 
         def read(layer: int, weight: int, h: torch.Tensor) -> torch.Tensor:
-            wait_landed[(1,)](landed[weight:], reads[weight:], num_warps=1)
+            wait_landed[(1,)](landed, reads, weight, num_warps=1)
             out = torch.mv(pipe.slots[weight], h)
-            bump[(1,)](reads[weight:], num_warps=1)
+            bump[(1,)](reads, weight, num_warps=1)
             return out
 
         def issue_copies() -> None:
