@@ -133,14 +133,7 @@ def test_reduce_overhead_staging_of_a_dynamic_shape_graph_equals_inductor(caplog
     gets its own staged buffer (and trees their own recording), taken again when the length
     comes back. Outputs equal the un-offloaded model's at every length, with poisoned slots,
     and trees copy no input."""
-    torch.manual_seed(0)
-    model = LlamaShaped(layers=8, dim=256, heads=8, kv_heads=4, hidden=512, vocab=VOCAB).cuda()
-    reference = torch.compile(clone_model(model), mode="reduce-overhead")
-    offloaded = torch.compile(
-        model,
-        backend="offload",
-        options=prefetch_options(2, 1, 1, mode="reduce-overhead", poison_slots=True),
-    )
+    reference, offloaded = _compiled_pair("reduce-overhead", 2, 1, 1, poison=True)
     with caplog.at_level(logging.DEBUG, logger="offload_compiler"), torch.no_grad():
         for tokens in [1, 16, 7, 16, 1, 7, 16]:
             for _ in range(3):
