@@ -212,22 +212,9 @@ def main(argv: list[str] | None = None) -> int:
                     memops.write(pipe.copy_stream, landed[weight:], n + 1)
                     copies[weight] = n + 1
 
-        # warm-up and capture run the compute only: the copies they need are issued before
-        # each (the counters then match whatever ran)
-        def body() -> torch.Tensor:
-            return pipe.step(read)
-
-        graph = torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream()
-        side.wait_stream(compute)
+        # the warm-up reads what these copies bring; the capture runs nothing
         issue_copies()
-        with torch.cuda.stream(side):
-            body()
-        compute.wait_stream(side)
-        torch.cuda.synchronize()
-        with torch.cuda.graph(graph):
-            out = body()
-        torch.cuda.synchronize()
+        graph, out = captured(lambda: pipe.step(read))
 
         def run() -> torch.Tensor:
             graph.replay()

@@ -96,9 +96,10 @@ class Timeline:
 
         def stamped_start(runtime: OffloadRuntime, layer: OffloadedLayer, name: str | None) -> None:
             unit = f"{layer.position}:{name}"
-            names = layer.params if name is None else (name,)
-            host = runtime._host[layer.position]
-            timeline.unit_bytes[unit] = sum(host[n].nbytes for n in names)
+            if unit not in timeline.unit_bytes:  # once: eager variants start units every call
+                host = runtime._host[layer.position]
+                names = layer.params if name is None else (name,)
+                timeline.unit_bytes[unit] = sum(host[n].nbytes for n in names)
             timeline.stamp(f"start {unit}")
             start(runtime, layer, name)
             if timeline.copies:
