@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         landed = torch.zeros(args.weights, dtype=torch.int32, device="cuda")
         reads = torch.zeros(args.weights, dtype=torch.int32, device="cuda")
         copies = [0] * args.weights  # copies issued into each slot so far
+        # the zeros are written on the compute stream; the copy stream's waits and writes on
+        # the counters must come after them
+        pipe.copy_stream.wait_stream(compute)
 
         def read(layer: int, weight: int, h: torch.Tensor) -> torch.Tensor:
             wait_landed[(1,)](landed, reads, weight, num_warps=1)
