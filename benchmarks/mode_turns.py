@@ -621,6 +621,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--timeline-calls", type=int, default=40)
     parser.add_argument(
+        "--captured-copies",
+        action="store_true",
+        help="prefetch.offload_host_copies=False: the CUDA graphs capture the copies (as before "
+        "session 12); needed by the variants that replay or capture graphs by hand",
+    )
+    parser.add_argument(
         "--nvtx",
         action="store_true",
         help="every call of every variant in an NVTX range named after it, for an Nsight "
@@ -645,9 +651,13 @@ def main(argv: list[str] | None = None) -> int:
         # runtime; default+rejoin, run in Python, brings the runtime's bookkeeping back in line
         # before default's turn (without it default reads a slot it thinks it filled)
         parser.error(f"--variants: {graphs} need default+rejoin between them and default")
+    by_hand = [v for v in args.variants if v in replays or "+graph" in v]
+    if by_hand and not args.captured_copies:
+        # with host copies only the backend's own call of a graph issues its copies
+        parser.error(f"--variants: {by_hand} need --captured-copies")
     device = torch.device("cuda", torch.cuda.current_device())
     spec = {"shape": LLAMA_8B, "layers": args.layers, "tokens": args.tokens}
-    options = {"prefetch": args.config[0]}
+    options = {"prefetch": {**args.config[0], "offload_host_copies": not args.captured_copies}}
     model = build_model(spec, torch.device("cpu"), torch.bfloat16)
     with torch.no_grad():  # the builder fills every layer alike; a slot mix-up must show
         for i, layer in enumerate(_layers(model)):
@@ -770,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(device),
         "torch": torch.__version__,
         "layers": args.layers,
-        "config": args.config[0],
+        "config": options["prefetch"],
         "copied_bytes_per_forward": sum(h.nbytes for h in hosts),
         "kernel_after_call": args.kernel_after_call,
         "graphs_before": {"count": len(kept), "fork": kind == "fork"},

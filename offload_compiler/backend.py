@@ -8,9 +8,10 @@ own wrapper maps it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from torch._logging import trace_structured
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .config import OffloadConfig
+from .counters import GraphProgram
 from .discovery import (
     LayerDiscoveryError,
     candidate_roots,
@@ -76,23 +78,34 @@ def offload_backend(
         log.info("offload: this graph reads no offloaded layer; compiling it unchanged")
         return compile_fx(gm, example_inputs, config_patches=patches)
     _guard_parameter_identity(gm, reads.keys())
-    cudagraphs = patches.get("triton.cudagraphs", torch._inductor.config.triton.cudagraphs)
-    rejoin = bool(cudagraphs) or config.prefetch.offload_capturable
+    cudagraphs = bool(patches.get("triton.cudagraphs", torch._inductor.config.triton.cudagraphs))
+    counted = [runtime for runtime in runtimes if runtime.host_copies] if cudagraphs else []
+    # with host copies a CUDA graph holds no copy, so nothing needs joining at its end
+    rejoin = (cudagraphs and not counted) or config.prefetch.offload_capturable
     rewrite = OffloadPrefetchPass(reads, rejoin, per_param=config.prefetch.offload_per_param)
     result = rewrite(gm)
     _log_summary(runtimes, reads)
     _publish_graph(result.gm)
-    return compile_rewrite(result, example_inputs, patches)
+    if counted:
+        # one CUDA graph per compiled graph: a call is then a warm-up, a recording or a replay,
+        # never a replay followed by another piece's recording (which synchronizes the device
+        # before the replay's copies are issued)
+        patches["graph_partition"] = False
+    return compile_rewrite(result, example_inputs, patches, counted)
 
 
 def compile_rewrite(
-    result: Rewrite, example_inputs: list[torch.Tensor], patches: Mapping[str, Any]
+    result: Rewrite,
+    example_inputs: list[torch.Tensor],
+    patches: Mapping[str, Any],
+    counted: Sequence[OffloadRuntime] = (),
 ) -> Callable[..., Any]:
     """Inductor-compile a rewritten graph; the callable takes Dynamo's inputs.
 
     It appends the slot buffers to the inputs and drops the token outputs from the results.
     Under CUDA graphs, the inputs cudagraph trees would copy are staged so that the graphs
-    launch on a stream of their own (`staging`).
+    launch on a stream of their own (`staging`), and each call runs inside the ``calling``
+    of every runtime in ``counted`` (host copies: `counters`).
     """
     placeholders = result.gm.graph.find_nodes(op="placeholder")
     slot_examples = [n.meta["example_value"] for n in placeholders[len(example_inputs) :]]
@@ -107,12 +120,16 @@ def compile_rewrite(
         config_patches={**patches, **_ORDER_PRESERVING},
     )
     slots, extra = result.slots, result.extra_outputs
+    programs = [(runtime, GraphProgram()) for runtime in counted]
 
     def run(*args: Any) -> Any:
-        if staging is None:
-            outputs = compiled(*args, *slots)
-        else:
-            outputs = staging.call(compiled, [*args, *slots])
+        with contextlib.ExitStack() as calls:
+            for runtime, program in programs:
+                calls.enter_context(runtime.calling(program))
+            if staging is None:
+                outputs = compiled(*args, *slots)
+            else:
+                outputs = staging.call(compiled, [*args, *slots])
         return outputs[:-extra] if extra else outputs
 
     return run
@@ -158,7 +175,13 @@ def plan_slot_reads(
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             raise RuntimeError(_INFERENCE_ONLY)
         runtime = runtime_for(
-            layers, plan, _compute_device(params), config.compute_hash(), config.poison_slots
+            layers,
+            plan,
+            _compute_device(params),
+            config.compute_hash(),
+            config.poison_slots,
+            host_copies=config.prefetch.offload_host_copies
+            and not config.prefetch.offload_capturable,
         )
         runtimes.append(runtime)
         for layer, name, placeholder in in_graph:

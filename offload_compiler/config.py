@@ -152,6 +152,16 @@ class PrefetchOffloadConfig(_FrozenConfig):
     7 and 8).
     """
 
+    offload_host_copies: bool = True
+    """Under CUDA graphs (``mode="reduce-overhead"``), leave the prefetch copies out of the
+    graphs: the host issues them on the copy stream after each replay, and counters in device
+    memory order them with the graph's reads (a one-thread kernel where a read must wait, another
+    where a slot is free). Captured as memcpy nodes, the copies of some recordings ran 2-4%
+    slower on the H100 (docs/benchmarks.md, sessions 11 and 12). False captures the copies into
+    the graphs, joined before each graph ends. ``offload_capturable`` implies False (its graphs
+    are replayed by their owner, with no host step to issue copies); no effect on CPU.
+    """
+
     def is_offloaded_layer(self, index: int) -> bool:
         """Whether repeated block ``index`` is offloaded, i.e. among the last of its group."""
         group_size = self.offload_group_size

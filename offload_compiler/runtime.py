@@ -18,10 +18,15 @@ parameters; slot s = k % prefetch_step):
 Streams are looked up when an op runs, never cached at trace time, because cudagraph trees run
 warm-up and capture on their own stream. On CPU start(k) is a synchronous copy and wait/join are
 no-ops, so the compiled graph is the same and a misplaced op gives wrong numbers there too.
+
+With host copies (``prefetch.offload_host_copies``, the default on CUDA) the events give way to
+counters in device memory (`counters`): the same start/wait points, but a CUDA graph captures
+only kernels on the counters, and the host issues its copies after each replay (`calling`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from typing import TypeVar
@@ -29,6 +34,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from .counters import CudaCounters, GraphProgram, SlotCounters, counters_available
 from .planning import OffloadedLayer, OffloadPlan
 from .pool import SlotKey, SlotPool, offload_parameters
 
@@ -66,11 +72,14 @@ def runtime_for(
     device: torch.device,
     config_hash: str,
     poison_slots: bool,
+    host_copies: bool = False,
 ) -> OffloadRuntime:
     """The runtime of ``layers``, created (weights moved to host, slots filled) on first use."""
     runtime = _BY_LAYER_LIST.get(layers)
     if runtime is None:
-        runtime = OffloadRuntime(len(_RUNTIMES), layers, plan, device, config_hash, poison_slots)
+        runtime = OffloadRuntime(
+            len(_RUNTIMES), layers, plan, device, config_hash, poison_slots, host_copies
+        )
         _RUNTIMES.append(runtime)
         _BY_LAYER_LIST[layers] = runtime
     elif runtime.config_hash != config_hash or runtime.device != device:
@@ -82,7 +91,8 @@ def runtime_for(
 
 
 class OffloadRuntime:
-    """Host copies, slot buffers, copy stream and events of one offloaded ModuleList."""
+    """Host copies, slot buffers, copy stream and events (or counters) of one offloaded
+    ModuleList."""
 
     def __init__(
         self,
@@ -92,6 +102,7 @@ class OffloadRuntime:
         device: torch.device,
         config_hash: str,
         poison_slots: bool,
+        host_copies: bool = False,
     ) -> None:
         self.id = runtime_id
         self.config_hash = config_hash
@@ -122,9 +133,38 @@ class OffloadRuntime:
                 self._copy_stream = torch.cuda.Stream(device)
                 self._ready = {unit: torch.cuda.Event() for unit in units}
                 self._done = {unit: torch.cuda.Event() for unit in units}
+        # one counter pair per (slot, parameter name), a layer's consecutive where they can be
+        self._entity: dict[tuple[int, str], int] = {}
+        for layer in plan.layers:
+            for name in layer.params:
+                self._entity.setdefault((layer.slot, name), len(self._entity))
+        self._counters: SlotCounters | None = None
+        if self._cuda and host_copies:
+            unavailable = counters_available(device)
+            if unavailable is None:
+                names = {e: name for (_, name), e in self._entity.items()}
+
+                def copy_tensor(entity: int, position: int) -> None:
+                    name = names[entity]
+                    self._slots[position][name].copy_(self._host[position][name], non_blocking=True)
+
+                cuda = CudaCounters(len(self._entity), device, self._copy_stream, copy_tensor)
+                self._counters = SlotCounters(len(self._entity), cuda)
+            else:
+                log.info("offload: copies stay inside CUDA graphs (%s)", unavailable)
         for layer in plan.layers[: plan.num_slots]:  # the first forward finds its slots filled
             self._start(layer, None)
         self.join()
+
+    @property
+    def host_copies(self) -> bool:
+        """Whether CUDA graphs of this runtime leave the copies to the host (`calling`)."""
+        return self._counters is not None
+
+    def calling(self, graph: GraphProgram) -> contextlib.AbstractContextManager[None]:
+        """Wrap each call of a compiled graph that cudagraph trees run (host copies only)."""
+        assert self._counters is not None
+        return self._counters.calling(graph)
 
     def slot_tensors(self, layer_index: int) -> dict[str, torch.Tensor]:
         """The slot buffers the compiled graph reads for layer ``layer_index``'s parameters."""
@@ -143,6 +183,10 @@ class OffloadRuntime:
         two graphs by a graph break), the copy is started here first: slower, never wrong.
         """
         layer = self._layer(layer_index)
+        names = layer.params if name is None else (name,)
+        if self._counters is not None:
+            self._counters.wait(layer.position, self._entities(layer, names))
+            return
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "wait(%d, %s): pending %s, capturing %s",
@@ -151,7 +195,6 @@ class OffloadRuntime:
                 sorted(self._pending, key=str),
                 self._cuda and torch.cuda.is_current_stream_capturing(),
             )
-        names = layer.params if name is None else (name,)
         if any(self._slot_owner.get((layer.slot, n)) != layer.position for n in names):
             self._start(layer, name)
         units = [(layer.position, None)]
@@ -164,6 +207,10 @@ class OffloadRuntime:
     def join(self) -> None:
         """Rejoin the copy stream into the compute stream (op join_after_forward)."""
         log.debug("join(): pending %s", sorted(self._pending, key=str))
+        if self._counters is not None:  # nothing of a capture is on the copy stream
+            if not torch.cuda.is_current_stream_capturing():
+                torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
+            return
         if self._pending:
             self._check_capture(list(self._pending))
             self._pending.clear()
@@ -189,6 +236,9 @@ class OffloadRuntime:
                 "with prefetch.offload_capturable=True (mode='reduce-overhead' needs nothing)."
             )
 
+    def _entities(self, layer: OffloadedLayer, names: tuple[str, ...]) -> list[int]:
+        return [self._entity[(layer.slot, n)] for n in names]
+
     def _layer(self, layer_index: int) -> OffloadedLayer:
         layer = self.plan.layer_at(layer_index)
         if layer is None:
@@ -205,11 +255,18 @@ class OffloadRuntime:
             for n in names:
                 slots[n].copy_(host[n])
             return
-        compute = torch.cuda.current_stream(self.device)
+        counters = self._counters
         if self.poison_slots:  # a kernel reading this slot after this point now reads NaN
             for n in names:
-                if slots[n].is_floating_point():
+                # with counters, only a release (of a pending copy) orders the fill before the
+                # copy; a slot with nothing pending has no reader to catch
+                held = counters is None or counters.pending[self._entity[(layer.slot, n)]]
+                if slots[n].is_floating_point() and held is not None:
                     slots[n].fill_(float("nan"))
+        if counters is not None:
+            counters.start(layer.position, self._entities(layer, names))
+            return
+        compute = torch.cuda.current_stream(self.device)
         unit = (layer.position, name)
         ready, done = self._ready[unit], self._done[unit]
         ready.record(compute)

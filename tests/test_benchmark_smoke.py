@@ -156,6 +156,9 @@ def test_profile_summary_counts_copies_gaps_memsets_and_kernels_per_call():
         ("reduce-overhead+replay,default+rejoin,default", "needs reduce-overhead[.N]"),
         ("reduce-overhead,reduce-overhead.3+nocopy,default+rejoin,default", "needs reduce"),
         ("reduce-overhead,default+rejoin", "with default"),
+        # with host copies only the backend's call of a graph issues its copies
+        ("reduce-overhead,reduce-overhead+replay,default+rejoin,default", "--captured-copies"),
+        ("default+rejoin+graph,default+rejoin,default", "--captured-copies"),
     ],
 )
 def test_mode_turns_refuses_variant_sets_that_cannot_take_turns(tmp_path, capsys, variants, why):

@@ -391,15 +391,21 @@ def _overlap(a: list[tuple[float, float, int]], b: list[tuple[float, float, int]
     return total
 
 
-@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-def test_copies_overlap_compute_on_a_side_stream(mode, tmp_path):
+@pytest.mark.parametrize(
+    ("mode", "host_copies"),
+    [("default", True), ("reduce-overhead", True), ("reduce-overhead", False)],
+)
+def test_copies_overlap_compute_on_a_side_stream(mode, host_copies, tmp_path):
     """Profile: H2D copies of the weights run on their own stream while GEMMs run; under
-    reduce-overhead they are replayed from the CUDA graph, not issued by the host."""
+    reduce-overhead they are issued by the host after each replay (host copies) or replayed
+    from the CUDA graph (``offload_host_copies=False``)."""
     torch.manual_seed(0)
     dim, layers = 4096, 8
     model = MLPStack(layers=layers, dim=dim).cuda()
     reference = torch.compile(clone_model(model), mode=mode)
-    compiled = torch.compile(model, backend="offload", options=prefetch_options(1, 1, 2, mode=mode))
+    options = prefetch_options(1, 1, 2, mode=mode)
+    options["prefetch"]["offload_host_copies"] = host_copies
+    compiled = torch.compile(model, backend="offload", options=options)
     x = torch.randn(4096, dim, device="cuda")
     with torch.no_grad():
         for _ in range(3):
@@ -457,10 +463,11 @@ def test_copies_overlap_compute_on_a_side_stream(mode, tmp_path):
         "kernel_streams": sorted(kernel_streams),
         "copy_launchers": sorted(map(str, copy_launchers)),
     }
-    _record(f"overlap[{mode}]", figures)
+    _record(f"overlap[{mode},host_copies={host_copies}]", figures)
     assert copies, "no H2D copies were profiled"
-    assert copy_launchers == {"cudaGraphLaunch" if mode == "reduce-overhead" else "cudaMemcpyAsync"}
-    if mode == "default":
+    captured = mode == "reduce-overhead" and not host_copies
+    assert copy_launchers == {"cudaGraphLaunch" if captured else "cudaMemcpyAsync"}
+    if not captured:
         # (in CUDA graph replays the trace gives the launch's stream, not the captured ones;
         # there the overlap itself shows the copies ran beside the kernels)
         assert copy_streams.isdisjoint(kernel_streams), "copies ran on a compute stream"
@@ -680,3 +687,57 @@ def test_per_param_streaming_equals_inductor_with_poisoned_slots(mode):
             torch.testing.assert_close(offloaded(ids).clone(), expected, rtol=1e-4, atol=1e-4)
     if mode == "reduce-overhead":
         assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+
+
+def test_host_copies_interleaved_with_default_mode_and_a_new_shape():
+    """Host copies (the default under reduce-overhead): one model compiled in both modes,
+    sharing its runtime, called in turns with poisoned slots; a new input shape records a second
+    graph midway. Every call equals Inductor: each replay finds the slots its program expects,
+    whatever ran before it. The CUDA graphs hold no copy: they are host-issued memcpys."""
+    from offload_compiler.runtime import _BY_LAYER_LIST
+
+    torch.manual_seed(0)
+    model = LlamaShaped(layers=8, dim=256, heads=8, kv_heads=4, hidden=512, vocab=VOCAB).cuda()
+    reference = torch.compile(clone_model(model))
+    graphs = torch.compile(
+        model,
+        backend="offload",
+        options=prefetch_options(2, 1, 1, mode="reduce-overhead", poison_slots=True),
+    )
+    default = torch.compile(
+        model, backend="offload", options=prefetch_options(2, 1, 1, poison_slots=True)
+    )
+    with torch.no_grad():
+        for i in range(30):
+            tokens = 1 if i < 12 else (8 if i % 2 else 1)
+            ids = torch.randint(0, VOCAB, (1, tokens), device="cuda")
+            expected = reference(ids).clone()
+            for compiled in (graphs, default) if i % 3 == 0 else (graphs,):
+                torch.testing.assert_close(compiled(ids).clone(), expected, rtol=1e-4, atol=1e-4)
+    runtime = _BY_LAYER_LIST[model.layers]
+    assert runtime.host_copies
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    torch.cuda.synchronize()
+    state = runtime._counters
+    assert state.copies == state.device.landed.tolist()
+    assert state.releases == state.device.released.tolist()
+
+
+def test_captured_copies_option_equals_inductor():
+    """``offload_host_copies=False``: the copies are captured into the CUDA graphs (memcpy
+    nodes joined at the end), as before host copies existed."""
+    from offload_compiler.runtime import _BY_LAYER_LIST
+
+    torch.manual_seed(0)
+    model = LlamaShaped(layers=8, dim=256, heads=8, kv_heads=4, hidden=512, vocab=VOCAB).cuda()
+    reference_model = torch.compile(clone_model(model), mode="reduce-overhead")
+    options = prefetch_options(2, 1, 1, mode="reduce-overhead", poison_slots=True)
+    options["prefetch"]["offload_host_copies"] = False
+    offloaded = torch.compile(model, backend="offload", options=options)
+    with torch.no_grad():
+        for _ in range(15):
+            ids = torch.randint(0, VOCAB, (2, 16), device="cuda")
+            expected = reference_model(ids).clone()
+            torch.testing.assert_close(offloaded(ids).clone(), expected, rtol=1e-4, atol=1e-4)
+    assert not _BY_LAYER_LIST[model.layers].host_copies
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
