@@ -18,6 +18,9 @@ device memory, at
 replay writes the log as eager calls do; the log's index is an atomic counter on the device,
 so no host work is needed between calls. `summarise` turns a log into per-call figures: the
 copy engine's busy and idle time, bandwidth per copy, and how long the compute stream waited.
+With host copies (``prefetch.offload_host_copies``, session 12) a replay's copies are issued
+by the host, not replayed: only the compute marks (``start``, ``reach``, ``released``) are in
+the graphs then.
 """
 
 from __future__ import annotations

@@ -655,6 +655,8 @@ def main(argv: list[str] | None = None) -> int:
     if by_hand and not args.captured_copies:
         # with host copies only the backend's own call of a graph issues its copies
         parser.error(f"--variants: {by_hand} need --captured-copies")
+    if args.timeline == "copies" and not args.captured_copies:
+        parser.error("--timeline copies needs --captured-copies (host copies are not stamped)")
     device = torch.device("cuda", torch.cuda.current_device())
     spec = {"shape": LLAMA_8B, "layers": args.layers, "tokens": args.tokens}
     options = {"prefetch": {**args.config[0], "offload_host_copies": not args.captured_copies}}

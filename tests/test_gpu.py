@@ -699,14 +699,16 @@ def test_host_copies_interleaved_with_default_mode_and_a_new_shape():
     torch.manual_seed(0)
     model = LlamaShaped(layers=8, dim=256, heads=8, kv_heads=4, hidden=512, vocab=VOCAB).cuda()
     reference = torch.compile(clone_model(model))
-    graphs = torch.compile(
-        model,
-        backend="offload",
-        options=prefetch_options(2, 1, 1, mode="reduce-overhead", poison_slots=True),
-    )
-    default = torch.compile(
-        model, backend="offload", options=prefetch_options(2, 1, 1, poison_slots=True)
-    )
+    # one configuration (one runtime) for both: reduce-overhead's CUDA graphs through Inductor's
+    # config, as mode="reduce-overhead" sets it, active whenever that wrapper may compile
+    options = prefetch_options(2, 1, 1, poison_slots=True)
+    in_graphs = torch.compile(model, backend="offload", options=options)
+    default = torch.compile(model, backend="offload", options=options)
+
+    def graphs(ids: torch.Tensor) -> torch.Tensor:
+        with torch._inductor.config.patch({"triton.cudagraphs": True}):
+            return in_graphs(ids)
+
     with torch.no_grad():
         for i in range(30):
             tokens = 1 if i < 12 else (8 if i % 2 else 1)
