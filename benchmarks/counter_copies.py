@@ -31,7 +31,6 @@ Every variant's output must equal the eager one's (checked after timing).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import statistics
 import time
@@ -39,6 +38,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from offload_compiler.counters import StreamMemOps
 
 ROWS, COLS = 14336, 4096  # a Llama-3-8B MLP weight: 112 MiB in bf16
 
@@ -60,29 +61,6 @@ def _kernels() -> tuple[Callable, Callable]:
         tl.atomic_add(reads_ptr + index, 1, sem="release")
 
     return wait_landed, bump
-
-
-class StreamMemOps:
-    """``cuStreamWaitValue32`` (greater or equal) and ``cuStreamWriteValue32`` from the driver."""
-
-    def __init__(self) -> None:
-        cuda = ctypes.CDLL("libcuda.so.1")
-        args = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
-        self._wait = getattr(cuda, "cuStreamWaitValue32_v2", None) or cuda.cuStreamWaitValue32
-        self._write = getattr(cuda, "cuStreamWriteValue32_v2", None) or cuda.cuStreamWriteValue32
-        for fn in (self._wait, self._write):
-            fn.argtypes, fn.restype = args, ctypes.c_int
-
-    def wait_geq(self, stream: torch.cuda.Stream, counter: torch.Tensor, value: int) -> None:
-        self._check(self._wait(stream.cuda_stream, counter.data_ptr(), value, 0), "wait")
-
-    def write(self, stream: torch.cuda.Stream, counter: torch.Tensor, value: int) -> None:
-        self._check(self._write(stream.cuda_stream, counter.data_ptr(), value, 0), "write")
-
-    @staticmethod
-    def _check(result: int, what: str) -> None:
-        if result != 0:
-            raise RuntimeError(f"cuStream{what.capitalize()}Value32 failed: CUresult {result}")
 
 
 def _random(device: torch.device) -> torch.Tensor:
@@ -209,10 +187,11 @@ def main(argv: list[str] | None = None) -> int:
             for layer in range(args.layers):
                 for weight in range(args.weights):
                     n = copies[weight]
-                    memops.wait_geq(pipe.copy_stream, reads[weight:], n)  # previous reader done
+                    # the slot's previous reader done
+                    memops.wait_geq(pipe.copy_stream, reads[weight:].data_ptr(), n)
                     with torch.cuda.stream(pipe.copy_stream):
                         pipe.slots[weight].copy_(pipe.hosts[layer][weight], non_blocking=True)
-                    memops.write(pipe.copy_stream, landed[weight:], n + 1)
+                    memops.write(pipe.copy_stream, landed[weight:].data_ptr(), n + 1)
                     copies[weight] = n + 1
 
         # the warm-up reads what these copies bring; the capture runs nothing

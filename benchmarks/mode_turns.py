@@ -77,9 +77,13 @@ slots and copy stream. The variants, timed in this order turn after turn:
 - ``default+rejoin``: the same compile run eagerly;
 - ``default``: default mode.
 
-Taking turns is safe only in this order, and with ``default+rejoin`` among the variants
-whenever a CUDA-graph variant is (checked). The runtime's bookkeeping of which layer each slot
-holds is updated by the ops that run in Python, never by a CUDA-graph replay; the two
+With host copies (the default since session 12) every call of the backend's own graphs keeps
+the runtime's bookkeeping exact, but a graph replayed or captured outside it would issue no
+copies: the ``+replay``-style and ``+graph`` variants need ``--captured-copies`` (checked).
+With captured copies, taking turns is safe only in this order, and with ``default+rejoin``
+among the variants whenever a CUDA-graph variant is (checked, either way). The runtime's
+bookkeeping of which layer each slot holds is then updated by the ops that run in Python, never
+by a CUDA-graph replay; the two
 CUDA-graph schedules (captured and ``default+rejoin``) end every forward in the same slot
 state, ``default`` re-copies any slot that state does not give it, and every slot that a
 replay after ``default`` reads without copying it is one that ``default`` leaves filled (the
