@@ -221,6 +221,9 @@ class SlotCounters:
         for e, wanted in program.start:
             if self.pending[e] == wanted:
                 continue
+            log.debug(
+                "offload: entity %d holds %s, the graph starts from %s", e, self.pending[e], wanted
+            )
             if self.pending[e] is not None:  # released unread, on the caller's stream
                 self._release([e], None)
             if wanted is not None:
