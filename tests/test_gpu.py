@@ -18,6 +18,7 @@ from torch._dynamo.utils import counters
 
 import offload_compiler
 from offload_compiler.pool import host_copy, plan_pinned_blocks
+from offload_compiler.runtime import _BY_LAYER_LIST
 from tests.common import prefetch_options
 from tests.models import LlamaShaped, MLPStack, clone_model
 
@@ -46,18 +47,16 @@ def _fresh_counters_and_memory():
 
 
 def _compiled_pair(
-    mode: str, group: int, num: int, step: int, poison: bool
+    mode: str, group: int, num: int, step: int, poison: bool, host_copies: bool = True
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """A seeded 8-layer LlamaShaped model compiled in ``mode`` without offloading (the
     reference) and, the model itself, with the offload backend and this prefetch config."""
     torch.manual_seed(0)
     model = LlamaShaped(layers=8, dim=256, heads=8, kv_heads=4, hidden=512, vocab=VOCAB).cuda()
     reference = torch.compile(clone_model(model), mode=mode)
-    offloaded = torch.compile(
-        model,
-        backend="offload",
-        options=prefetch_options(group, num, step, mode=mode, poison_slots=poison),
-    )
+    options = prefetch_options(group, num, step, mode=mode, poison_slots=poison)
+    options["prefetch"]["offload_host_copies"] = host_copies
+    offloaded = torch.compile(model, backend="offload", options=options)
     return reference, offloaded
 
 
@@ -560,8 +559,6 @@ def test_new_shapes_do_not_grow_gpu_memory(dynamic):
 
 
 def test_two_models_each_with_own_pool_and_stream():
-    from offload_compiler.runtime import _BY_LAYER_LIST
-
     torch.manual_seed(0)
     a = LlamaShaped(layers=4, dim=256, heads=8, kv_heads=4, hidden=512, vocab=VOCAB).cuda()
     b = MLPStack(layers=6, dim=512).cuda()
@@ -694,8 +691,6 @@ def test_host_copies_interleaved_with_default_mode_and_a_new_shape():
     sharing its runtime, called in turns with poisoned slots; a new input shape records a second
     graph midway. Every call equals Inductor: each replay finds the slots its program expects,
     whatever ran before it. The CUDA graphs hold no copy: they are host-issued memcpys."""
-    from offload_compiler.runtime import _BY_LAYER_LIST
-
     torch.manual_seed(0)
     model = LlamaShaped(layers=8, dim=256, heads=8, kv_heads=4, hidden=512, vocab=VOCAB).cuda()
     reference = torch.compile(clone_model(model))
@@ -728,18 +723,11 @@ def test_host_copies_interleaved_with_default_mode_and_a_new_shape():
 def test_captured_copies_option_equals_inductor():
     """``offload_host_copies=False``: the copies are captured into the CUDA graphs (memcpy
     nodes joined at the end), as before host copies existed."""
-    from offload_compiler.runtime import _BY_LAYER_LIST
-
-    torch.manual_seed(0)
-    model = LlamaShaped(layers=8, dim=256, heads=8, kv_heads=4, hidden=512, vocab=VOCAB).cuda()
-    reference_model = torch.compile(clone_model(model), mode="reduce-overhead")
-    options = prefetch_options(2, 1, 1, mode="reduce-overhead", poison_slots=True)
-    options["prefetch"]["offload_host_copies"] = False
-    offloaded = torch.compile(model, backend="offload", options=options)
+    reference, offloaded = _compiled_pair("reduce-overhead", 2, 1, 1, True, host_copies=False)
     with torch.no_grad():
         for _ in range(15):
             ids = torch.randint(0, VOCAB, (2, 16), device="cuda")
-            expected = reference_model(ids).clone()
+            expected = reference(ids).clone()
             torch.testing.assert_close(offloaded(ids).clone(), expected, rtol=1e-4, atol=1e-4)
-    assert not _BY_LAYER_LIST[model.layers].host_copies
+    assert not _BY_LAYER_LIST[offloaded._orig_mod.layers].host_copies
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
