@@ -201,8 +201,11 @@ class SlotCounters:
             for e in entities:
                 self.device.release(e, self.releases[e] + 1)
         for e in entities:
-            self.releases[e] += 1
-            self.pending[e] = None
+            self._count_release(e)
+
+    def _count_release(self, e: int) -> None:
+        self.releases[e] += 1
+        self.pending[e] = None
 
     def _copy(self, e: int, position: int, call: _Call | None) -> None:
         self._touch(e, call)
@@ -231,9 +234,8 @@ class SlotCounters:
 
     def _replayed(self, program: Program) -> None:
         for e, position in program.steps:
-            if position is None:
-                self.releases[e] += 1
-                self.pending[e] = None
+            if position is None:  # the replay's kernel released it
+                self._count_release(e)
             else:
                 self._issue_copy(e, position)
 

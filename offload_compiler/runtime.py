@@ -260,8 +260,9 @@ class OffloadRuntime:
             for n in names:
                 # with counters, only a release (of a pending copy) orders the fill before the
                 # copy; a slot with nothing pending has no reader to catch
-                held = counters is None or counters.pending[self._entity[(layer.slot, n)]]
-                if slots[n].is_floating_point() and held is not None:
+                entity = self._entity[(layer.slot, n)]
+                unread = counters is None or counters.pending[entity] is not None
+                if slots[n].is_floating_point() and unread:
                     slots[n].fill_(float("nan"))
         if counters is not None:
             counters.start(layer.position, self._entities(layer, names))
