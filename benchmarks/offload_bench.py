@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import fcntl
 import json
 import math
@@ -329,6 +330,11 @@ def copy_floor_ms(hosts: list[torch.Tensor], device: torch.device, repeats: int 
     return statistics.median(once() for _ in range(repeats))
 
 
+def _progress(since: float, what: str) -> None:
+    """A line in the cell's log (its stderr): where a slow or stuck cell got to."""
+    print(f"[{time.perf_counter() - since:5.0f} s] {what}", file=sys.stderr, flush=True)
+
+
 def run_cell(spec: dict, lock: GpuLock, go=None, measuring=None) -> list[dict]:
     """Prepare the cell (holding ``lock`` except while compiling), warm up every token count,
     then wait for ``go()`` (the parent's turn to measure) and time it holding ``lock``
@@ -361,9 +367,12 @@ def run_cell(spec: dict, lock: GpuLock, go=None, measuring=None) -> list[dict]:
             call, moved, hosts = prepare({**spec, "mode": mode}, device, dtype, lock)
             resident = torch.cuda.memory_allocated(device) - before if cuda else 0
             with torch.no_grad():
-                for ids in inputs.values():  # compiles (and CUDA graph recordings) for each
+                for tokens, ids in inputs.items():  # compiles (and CUDA graph recordings)
                     for _ in range(3):
                         call(ids)
+                    if cuda:
+                        torch.cuda.synchronize()
+                    _progress(setup, f"{mode}: {tokens} tokens compiled and warmed up")
             prepared[mode] = (call, moved, resident, hosts)
         if cuda:
             torch.cuda.synchronize()
@@ -853,6 +862,8 @@ def run_grid(
             if worker.elapsed() > timeout and worker.proc.poll() is None:
                 worker.resume()
                 worker.results = [{**worker.spec, "error": f"timed out after {timeout:.0f} s"}]
+                worker.proc.send_signal(signal.SIGUSR1)  # its stacks into its log (faulthandler)
+                time.sleep(1)
                 os.killpg(worker.proc.pid, signal.SIGKILL)
         if measuring is None and ready:
             measuring = ready.popleft()
@@ -869,6 +880,8 @@ def _tail(path: str) -> str:
 
 
 def worker_main(spec: dict, lock_path: Path) -> int:
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the parent's timeout asks
+
     def go() -> None:
         print("READY", flush=True)
         if sys.stdin.readline().strip() != "GO":

@@ -122,14 +122,19 @@ def compile_rewrite(
     slots, extra = result.slots, result.extra_outputs
     programs = [(runtime, GraphProgram()) for runtime in counted]
 
+    def call(args: tuple[Any, ...]) -> Any:
+        if staging is None:
+            return compiled(*args, *slots)
+        return staging.call(compiled, [*args, *slots])
+
     def run(*args: Any) -> Any:
-        with contextlib.ExitStack() as calls:
-            for runtime, program in programs:
-                calls.enter_context(runtime.calling(program))
-            if staging is None:
-                outputs = compiled(*args, *slots)
-            else:
-                outputs = staging.call(compiled, [*args, *slots])
+        if programs:
+            with contextlib.ExitStack() as calls:
+                for runtime, program in programs:
+                    calls.enter_context(runtime.calling(program))
+                outputs = call(args)
+        else:
+            outputs = call(args)
         return outputs[:-extra] if extra else outputs
 
     return run

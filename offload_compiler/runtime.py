@@ -127,12 +127,7 @@ class OffloadRuntime:
         self._pending: dict[Unit, bool] = {}
         self._cuda = device.type == "cuda"
         if self._cuda:
-            units: list[Unit] = [(layer.position, None) for layer in plan.layers]
-            units += [(layer.position, name) for layer in plan.layers for name in layer.params]
-            with torch.cuda.device(device):  # created ahead: none may be created in a capture
-                self._copy_stream = torch.cuda.Stream(device)
-                self._ready = {unit: torch.cuda.Event() for unit in units}
-                self._done = {unit: torch.cuda.Event() for unit in units}
+            self._copy_stream = torch.cuda.Stream(device)
         # one counter pair per (slot, parameter name), a layer's consecutive where they can be
         self._entity: dict[tuple[int, str], int] = {}
         for layer in plan.layers:
@@ -152,6 +147,12 @@ class OffloadRuntime:
                 self._counters = SlotCounters(len(self._entity), cuda)
             else:
                 log.info("offload: copies stay inside CUDA graphs (%s)", unavailable)
+        if self._cuda and self._counters is None:  # copies ordered by events instead
+            units: list[Unit] = [(layer.position, None) for layer in plan.layers]
+            units += [(layer.position, name) for layer in plan.layers for name in layer.params]
+            with torch.cuda.device(device):  # created ahead: none may be created in a capture
+                self._ready = {unit: torch.cuda.Event() for unit in units}
+                self._done = {unit: torch.cuda.Event() for unit in units}
         for layer in plan.layers[: plan.num_slots]:  # the first forward finds its slots filled
             self._start(layer, None)
         self.join()

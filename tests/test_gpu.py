@@ -11,6 +11,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -47,15 +48,16 @@ def _fresh_counters_and_memory():
 
 
 def _compiled_pair(
-    mode: str, group: int, num: int, step: int, poison: bool, host_copies: bool = True
+    mode: str, group: int, num: int, step: int, poison: bool, **prefetch: Any
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """A seeded 8-layer LlamaShaped model compiled in ``mode`` without offloading (the
-    reference) and, the model itself, with the offload backend and this prefetch config."""
+    reference) and, the model itself, with the offload backend and this prefetch config
+    (``prefetch``: more fields of it, ``offload_host_copies=False``...)."""
     torch.manual_seed(0)
     model = LlamaShaped(layers=8, dim=256, heads=8, kv_heads=4, hidden=512, vocab=VOCAB).cuda()
     reference = torch.compile(clone_model(model), mode=mode)
     options = prefetch_options(group, num, step, mode=mode, poison_slots=poison)
-    options["prefetch"]["offload_host_copies"] = host_copies
+    options["prefetch"].update(prefetch)
     offloaded = torch.compile(model, backend="offload", options=options)
     return reference, offloaded
 
@@ -672,11 +674,7 @@ def test_uva_equals_inductor_and_frees_gpu_memory(in_place, mode, caplog):
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_per_param_streaming_equals_inductor_with_poisoned_slots(mode):
-    torch.manual_seed(0)
-    model = LlamaShaped(layers=8, dim=256, heads=8, kv_heads=4, hidden=512, vocab=VOCAB).cuda()
-    reference = torch.compile(clone_model(model), mode=mode)
-    options = prefetch_options(1, 1, 1, mode=mode, poison_slots=True, per_param=True)
-    offloaded = torch.compile(model, backend="offload", options=options)
+    reference, offloaded = _compiled_pair(mode, 1, 1, 1, True, offload_per_param=True)
     with torch.no_grad():
         for _ in range(25):
             ids = torch.randint(0, VOCAB, (2, 64), device="cuda")
@@ -723,7 +721,9 @@ def test_host_copies_interleaved_with_default_mode_and_a_new_shape():
 def test_captured_copies_option_equals_inductor():
     """``offload_host_copies=False``: the copies are captured into the CUDA graphs (memcpy
     nodes joined at the end), as before host copies existed."""
-    reference, offloaded = _compiled_pair("reduce-overhead", 2, 1, 1, True, host_copies=False)
+    reference, offloaded = _compiled_pair(
+        "reduce-overhead", 2, 1, 1, True, offload_host_copies=False
+    )
     with torch.no_grad():
         for _ in range(15):
             ids = torch.randint(0, VOCAB, (2, 16), device="cuda")
