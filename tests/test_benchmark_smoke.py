@@ -150,9 +150,10 @@ def test_profile_summary_counts_copies_gaps_memsets_and_kernels_per_call():
 @pytest.mark.parametrize(
     ("variants", "why"),
     [
-        # a replay leaves the slots without telling the runtime: default would read a stale one
-        ("reduce-overhead,default", "need default+rejoin"),
-        ("default+rejoin+graph,default", "need default+rejoin"),
+        # a captured replay leaves the slots without telling the runtime: default would read
+        # a stale one
+        ("reduce-overhead,default --captured-copies", "need default+rejoin"),
+        ("default+rejoin+graph,default --captured-copies", "need default+rejoin"),
         ("reduce-overhead+replay,default+rejoin,default", "needs reduce-overhead[.N]"),
         ("reduce-overhead,reduce-overhead.3+nocopy,default+rejoin,default", "needs reduce"),
         ("reduce-overhead,default+rejoin", "with default"),
@@ -165,18 +166,24 @@ def test_mode_turns_refuses_variant_sets_that_cannot_take_turns(tmp_path, capsys
     from benchmarks import mode_turns
 
     with pytest.raises(SystemExit) as exit_:
-        mode_turns.main(["--out", str(tmp_path), "--variants", variants])
+        mode_turns.main(["--out", str(tmp_path), "--variants", *variants.split()])
     assert exit_.value.code == 2
     assert why in capsys.readouterr().err
 
 
-def test_mode_turns_accepts_a_safe_variant_set_up_to_the_device(tmp_path):
+@pytest.mark.parametrize(
+    "variants",
+    [
+        "reduce-overhead,default+rejoin,default --captured-copies",
+        # host copies: every call of the backend's graphs keeps the runtime's bookkeeping exact
+        "reduce-overhead,reduce-overhead.2,default",
+    ],
+)
+def test_mode_turns_accepts_a_safe_variant_set_up_to_the_device(tmp_path, variants):
     """A safe set passes the checks and gets as far as asking for the GPU (none on CI)."""
     from benchmarks import mode_turns
 
     if torch.cuda.is_available():
         pytest.skip("would run the benchmark")
     with pytest.raises((RuntimeError, AssertionError), match=r"(?i)cuda|nvidia|torch not compiled"):
-        mode_turns.main(
-            ["--out", str(tmp_path), "--variants", "reduce-overhead,default+rejoin,default"]
-        )
+        mode_turns.main(["--out", str(tmp_path), "--variants", *variants.split()])
