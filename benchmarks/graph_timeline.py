@@ -34,10 +34,9 @@ from unittest import mock
 
 import torch
 
+from benchmarks.graph_trace import LARGE_COPY_BYTES
 from offload_compiler.planning import OffloadedLayer
 from offload_compiler.runtime import OffloadRuntime
-
-_LARGE = 64 * 2**20
 
 
 def _stamp_kernel():  # built on first use: Triton is absent from CPU-only installs
@@ -186,7 +185,7 @@ def summarise(entries: list[tuple[str, int]], unit_bytes: dict[str, int]) -> dic
         copied_bytes += unit_bytes[unit]
         busy[unit].append((done - ran_from) / 1e3)
         idle[unit].append((ran_from - previous[0]) / 1e3)
-        if unit_bytes[unit] >= _LARGE and done > ran_from:
+        if unit_bytes[unit] >= LARGE_COPY_BYTES and done > ran_from:
             gbps_large.append(unit_bytes[unit] / (done - ran_from))
     order = sorted(entries, key=lambda entry: entry[1])
     after_join = [

@@ -32,7 +32,8 @@ from collections import defaultdict
 from pathlib import Path
 
 _HTOD = 1  # CUPTI_ACTIVITY_MEMCPY_KIND_HTOD
-_LARGE = 64 * 2**20
+LARGE_COPY_BYTES = 64 * 2**20
+"""Copies at least this large count for bandwidth: smaller ones are dominated by their latency."""
 
 
 def _columns(db: sqlite3.Connection, table: str) -> set[str]:
@@ -97,7 +98,7 @@ def summarise(path: Path) -> dict:
             if start > busy_until:
                 gaps.append(start - busy_until)
             busy_until = max(busy_until, end)
-        large = [n / (e - s) for s, e, n in done if n >= _LARGE and e > s]
+        large = [n / (e - s) for s, e, n in done if n >= LARGE_COPY_BYTES and e > s]
         per_variant[call[0]].append(
             {
                 "span_ms": (last - first) / 1e6,
