@@ -36,6 +36,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -162,11 +163,38 @@ def _call(model: torch.nn.Module):
     return run
 
 
+MODE_FLAGS = {
+    "static": "every token count compiled as a graph of static shape (torch.compile "
+    "dynamic=False), not one graph of dynamic shape from the second on",
+    "captured": "prefetch.offload_host_copies=False: CUDA graphs capture the copies",
+    "rejoin": "prefetch.offload_capturable=True: the CUDA-graph schedule (copies joined at the "
+    "end, next-call copies at the top) in any mode",
+}
+
+
 def base_mode(mode: str) -> str:
-    """The Inductor mode of a benchmark mode: ``reduce-overhead.2`` is a second model compiled
-    in ``reduce-overhead`` (paired cells time several models of one mode, since two models of
-    one configuration and mode can differ in step time by more than two modes do)."""
-    return mode.partition(".")[0]
+    """The Inductor mode of a benchmark mode ``MODE[+FLAG...][.N]``: ``reduce-overhead.2`` is a
+    second model compiled in ``reduce-overhead`` (paired cells time several models of one mode,
+    since two models of one configuration and mode can differ in step time by more than two
+    modes do), ``reduce-overhead+static`` a model compiled otherwise (`MODE_FLAGS`)."""
+    return mode.partition(".")[0].partition("+")[0]
+
+
+def mode_flags(mode: str) -> set[str]:
+    """The `MODE_FLAGS` of a benchmark mode (``reduce-overhead+static+captured.2``)."""
+    flags = set(mode.partition(".")[0].split("+")[1:])
+    if not flags <= MODE_FLAGS.keys():
+        raise ValueError(f"mode {mode!r}: unknown flags {sorted(flags - MODE_FLAGS.keys())}")
+    return flags
+
+
+def _compile(model: torch.nn.Module, mode: str, flags: set[str], **backend: Any):
+    """``torch.compile`` of ``model`` in Inductor mode ``mode`` (with the offload backend's
+    options in ``backend``) as ``flags`` say."""
+    dynamic = False if "static" in flags else None
+    if backend:
+        return torch.compile(model, backend="offload", dynamic=dynamic, **backend)
+    return torch.compile(model, mode=None if mode == "default" else mode, dynamic=dynamic)
 
 
 def prepare(spec: dict, device: torch.device, dtype: torch.dtype, lock: GpuLock):
@@ -175,11 +203,16 @@ def prepare(spec: dict, device: torch.device, dtype: torch.dtype, lock: GpuLock)
     from offload_compiler.pool import host_copy
 
     method, mode = spec["method"], base_mode(spec.get("mode", "default"))
+    flags = mode_flags(spec.get("mode", "default"))
     if method in ("offload", "uva"):
         import offload_compiler
 
         if method == "offload":
-            options = {"prefetch": spec["prefetch"]}
+            options = {"prefetch": dict(spec["prefetch"])}
+            if "captured" in flags:
+                options["prefetch"]["offload_host_copies"] = False
+            if "rejoin" in flags:
+                options["prefetch"]["offload_capturable"] = True
         else:
             options = {"uva": {"cpu_offload_gb": spec["uva_gb"], **spec.get("uva", {})}}
         if mode != "default":
@@ -195,11 +228,11 @@ def prepare(spec: dict, device: torch.device, dtype: torch.dtype, lock: GpuLock)
             torch.cuda.empty_cache()
         hosts = [h for h in map(host_copy, model.parameters()) if h is not None]
         moved = sum(h.nbytes for h in hosts)
-        compiled = torch.compile(model, backend="offload", options=options)
+        compiled = _compile(model, mode, flags, options=options)
         return _call(compiled), moved, hosts if method == "offload" else []
     model = build_model(spec, device, dtype)
     if method == "resident":
-        return _call(torch.compile(model, mode=None if mode == "default" else mode)), 0, []
+        return _call(_compile(model, mode, flags)), 0, []
     if method == "hook":
         from benchmarks.hook_offloader import HookPrefetchOffloader
 
@@ -213,7 +246,7 @@ def prepare(spec: dict, device: torch.device, dtype: torch.dtype, lock: GpuLock)
         )
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        compiled = torch.compile(model, mode=None if mode == "default" else mode)
+        compiled = _compile(model, mode, flags)
         hosts = [t for host in offloader.hosts for t in host.values()]
         return _call(compiled), offloader.offloaded_bytes, hosts
     if method == "accelerate":
@@ -690,7 +723,7 @@ def _mode_group_rows(cells: list[dict]) -> list[str]:
     the median over turns of (mean step time of its models / that of the first mode's) - 1."""
     groups: dict[str, list[dict]] = {}
     for cell in cells:
-        groups.setdefault(base_mode(cell["mode"]), []).append(cell)
+        groups.setdefault(cell["mode"].partition(".")[0], []).append(cell)
     if all(len(g) == 1 for g in groups.values()):
         return []
     (base_name, base), *others = groups.items()
@@ -931,7 +964,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5, help="timed runs per token count")
     parser.add_argument("--min-run-s", type=float, default=0.5, help="shortest timed run")
     parser.add_argument("--jobs", type=int, default=3, help="cells prepared at once")
-    parser.add_argument("--modes", type=lambda s: s.split(","))
+    parser.add_argument("--modes", type=_modes, help="MODE[+FLAG...][.N],... (MODE_FLAGS)")
     parser.add_argument(
         "--configs", type=_configs, help="group/num/step[:pp|:layer],... e.g. 2/1/1:pp,1/1/2"
     )
@@ -986,6 +1019,17 @@ def _defaults(args: argparse.Namespace) -> None:
         args.uva = args.uva or []
         if args.configs is None:
             args.configs = _configs(",".join(f"{g}/1/{s}" for g in (1, 2, 4, 8) for s in (1, 2, 4)))
+
+
+def _modes(text: str) -> list[str]:
+    """Comma-separated benchmark modes (``default,reduce-overhead+static``), flags checked."""
+    modes = text.split(",")
+    for mode in modes:
+        try:
+            mode_flags(mode)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return modes
 
 
 def _ints(text: str) -> list[int]:

@@ -20,11 +20,13 @@ replayed from a CUDA graph) and writes ``<mode>-<tokens>.json`` with:
 
 and a Chrome trace ``<mode>-<tokens>.trace.json.gz`` to look at.
 
-A mode may carry a suffix: ``reduce-overhead.2`` is a second model in the same mode (its own
-CUDA graph recordings), ``default+rejoin`` runs default mode with the schedule the backend gives
-graphs that run as CUDA graphs (``prefetch.offload_capturable``: copies joined at the end,
-next-call copies at the top), which tells what the schedule costs from what the CUDA graph
-costs.
+A mode may carry flags and a suffix, as in `benchmarks.offload_bench` (``MODE_FLAGS``):
+``reduce-overhead.2`` is a second model in the same mode (its own CUDA graph recordings),
+``default+rejoin`` runs default mode with the schedule the backend gives graphs that run as
+CUDA graphs (``prefetch.offload_capturable``: copies joined at the end, next-call copies at the
+top), which tells what the schedule costs from what the CUDA graph costs; ``+static`` compiles
+every token count as a graph of static shape, ``+captured`` keeps the copies in the CUDA graphs.
+``inductor_counters.json`` holds Inductor's counters after the compiles (CUDA-graph skips).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from benchmarks.offload_bench import (
     GpuLock,
     _configs,
     _ints,
+    _modes,
     copy_floor_ms,
     prepare,
     time_calls,
@@ -122,9 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--tokens", type=_ints, default=[2048])
     parser.add_argument("--config", type=_configs, default=_configs("1/1/1:pp"))
-    parser.add_argument(
-        "--modes", type=lambda s: s.split(","), default=["default", "reduce-overhead"]
-    )
+    parser.add_argument("--modes", type=_modes, default=["default", "reduce-overhead"])
     parser.add_argument("--calls", type=int, default=3)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -136,9 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     for mode in args.modes:
         spec = {
             "method": "offload",
-            "mode": mode.partition("+")[0].partition(".")[0],
-            # +rejoin: the CUDA-graph schedule in default mode
-            "prefetch": {**args.config[0], "offload_capturable": mode.endswith("+rejoin")},
+            "mode": mode,
+            "prefetch": args.config[0],
             "shape": LLAMA_8B,
             "layers": args.layers,
             "tokens": args.tokens,
@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             for ids in inputs.values():  # compiles happen here
                 for _ in range(3):
                     models[mode][0](ids)
+    inductor = dict(torch._dynamo.utils.counters["inductor"])
+    (args.out / "inductor_counters.json").write_text(json.dumps(inductor, indent=1))
     for tokens, ids in inputs.items():
         with torch.no_grad():
             calls = {mode: call for mode, (call, _, _) in models.items()}

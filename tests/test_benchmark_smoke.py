@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.offload_bench import analyse, markdown
+from benchmarks.offload_bench import SMOKE, analyse, base_mode, markdown, mode_flags, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -187,3 +187,39 @@ def test_mode_turns_accepts_a_safe_variant_set_up_to_the_device(tmp_path, varian
         pytest.skip("would run the benchmark")
     with pytest.raises((RuntimeError, AssertionError), match=r"(?i)cuda|nvidia|torch not compiled"):
         mode_turns.main(["--out", str(tmp_path), "--variants", *variants.split()])
+
+
+def test_mode_flags_split_from_the_inductor_mode():
+    assert base_mode("reduce-overhead+static+captured.2") == "reduce-overhead"
+    assert mode_flags("reduce-overhead+static+captured.2") == {"static", "captured"}
+    assert mode_flags("default.3") == set()
+    with pytest.raises(ValueError, match="unknown flags \\['statik'\\]"):
+        mode_flags("default+statik")
+
+
+@pytest.mark.parametrize(("mode", "graphs"), [("default", 2), ("default+static", 3)])
+def test_a_static_mode_compiles_every_token_count_on_its_own(mode, graphs):
+    """Without the flag the second token count compiles one graph of dynamic shape that
+    serves the third; with it each token count is a graph of its own."""
+    from torch._dynamo.utils import counters
+
+    spec = {"method": "offload", "mode": mode, "shape": SMOKE, "layers": 4, "tokens": [4]}
+    spec["prefetch"] = {"offload_group_size": 2, "offload_num_in_group": 1}
+    torch._dynamo.reset()
+    counters.clear()
+    call, moved, _ = prepare(spec, torch.device("cpu"), torch.float32, _NoLock())
+    assert moved > 0
+    with torch.no_grad():
+        for tokens in (4, 16, 9):
+            assert call(torch.randint(0, SMOKE["vocab"], (1, tokens))).shape[1] == tokens
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+class _NoLock:
+    """`prepare` releases and takes the GPU lock around its CPU build; one process needs none."""
+
+    def acquire(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
