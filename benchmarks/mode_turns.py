@@ -123,10 +123,8 @@ import contextlib
 import functools
 import gzip
 import json
-import math
 import statistics
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from unittest import mock
@@ -146,7 +144,7 @@ from benchmarks.offload_bench import (
     copy_floor_ms,
     time_calls,
 )
-from benchmarks.profile_offload import profiled_calls, summarise
+from benchmarks.profile_offload import profiled_calls, return_ms, summarise
 from offload_compiler import backend, place_model
 from offload_compiler.pool import host_copy
 
@@ -554,27 +552,6 @@ def _on_a_stream_of_its_own(
     return run
 
 
-def _return_ms(
-    run: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, ms: float, min_run_s: float
-) -> dict[str, float]:
-    """One run of back-to-back calls (as many as a timed run of a call of ``ms``): ms per call
-    until the last call returned to Python, and until the device finished. The first is near
-    the second only if something in the call waits for the device (a sync, or a full launch
-    queue); where it is much less, the host ran ahead and the device never waited for it."""
-    count = max(3, math.ceil(min_run_s * 1e3 / ms))
-    torch.cuda.synchronize()
-    begin = time.perf_counter()
-    for _ in range(count):
-        run(ids)
-    returned = time.perf_counter()
-    torch.cuda.synchronize()
-    done = time.perf_counter()
-    return {
-        "returned_ms_per_call": (returned - begin) * 1e3 / count,
-        "done_ms_per_call": (done - begin) * 1e3 / count,
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -728,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
                 times = time_calls(runs, ids, True, args.runs, min_run_s)
                 timed[min_run_s] = (times, (floor_before + copy_floor_ms(hosts, device)) / 2)
             returns = {  # in turn order, as timed
-                variant: _return_ms(run, ids, statistics.median(times[variant]), min_run_s)
+                variant: return_ms(run, ids, statistics.median(times[variant]), min_run_s)
                 for variant, run in runs.items()
             }
             if args.profile:

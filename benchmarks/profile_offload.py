@@ -18,6 +18,10 @@ replayed from a CUDA graph) and writes ``<mode>-<tokens>.json`` with:
   kernels run most often, by name;
 - the effective bandwidth of the copies (bytes / time each copy ran), and that of the floor;
 
+- ``returned_ms_per_call`` and ``done_ms_per_call``: one more run of back-to-back calls, per
+  call until the last returned to Python and until the device finished (`return_ms`: near
+  each other only if the host waits for the device);
+
 and a Chrome trace ``<mode>-<tokens>.trace.json.gz`` to look at.
 
 A mode may carry flags and a suffix, as in `benchmarks.offload_bench` (``MODE_FLAGS``):
@@ -36,8 +40,10 @@ import functools
 import gzip
 import itertools
 import json
+import math
 import statistics
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -119,6 +125,27 @@ def profiled_calls(run: Callable[[], object], calls: int):
     return prof
 
 
+def return_ms(
+    run: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, ms: float, min_run_s: float
+) -> dict[str, float]:
+    """One run of back-to-back calls (as many as a timed run of a call of ``ms``): ms per call
+    until the last call returned to Python, and until the device finished. The first is near
+    the second only if something in the call waits for the device (a sync, or a full launch
+    queue); where it is much less, the host ran ahead and the device never waited for it."""
+    count = max(3, math.ceil(min_run_s * 1e3 / ms))
+    torch.cuda.synchronize()
+    begin = time.perf_counter()
+    for _ in range(count):
+        run(ids)
+    returned = time.perf_counter()
+    torch.cuda.synchronize()
+    done = time.perf_counter()
+    return {
+        "returned_ms_per_call": (returned - begin) * 1e3 / count,
+        "done_ms_per_call": (done - begin) * 1e3 / count,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -155,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             calls = {mode: call for mode, (call, _, _) in models.items()}
             times = time_calls(calls, ids, True, 5, 0.5)
+            returns = {
+                mode: return_ms(call, ids, statistics.median(times[mode]), 0.5)
+                for mode, call in calls.items()
+            }
         for mode, (call, moved, hosts) in models.items():
             floor = copy_floor_ms(hosts, device)
             with torch.no_grad():
@@ -166,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                 "tokens": tokens,
                 "ms": statistics.median(times[mode]),
                 "ms_runs": times[mode],
+                **returns[mode],
                 "copied_bytes_per_call": moved,
                 "copy_floor_ms": floor,
                 "copy_floor_GBps": moved / (floor * 1e6),
