@@ -166,9 +166,10 @@ def _call(model: torch.nn.Module):
 MODE_FLAGS = {
     "static": "every token count compiled as a graph of static shape (torch.compile "
     "dynamic=False), not one graph of dynamic shape from the second on",
-    "captured": "prefetch.offload_host_copies=False: CUDA graphs capture the copies",
+    "captured": "prefetch.offload_host_copies=False: CUDA graphs capture the copies (offload "
+    "cells only)",
     "rejoin": "prefetch.offload_capturable=True: the CUDA-graph schedule (copies joined at the "
-    "end, next-call copies at the top) in any mode",
+    "end, next-call copies at the top) in any mode (offload cells only)",
 }
 
 
@@ -188,12 +189,14 @@ def mode_flags(mode: str) -> set[str]:
     return flags
 
 
-def _compile(model: torch.nn.Module, mode: str, flags: set[str], **backend: Any):
-    """``torch.compile`` of ``model`` in Inductor mode ``mode`` (with the offload backend's
-    options in ``backend``) as ``flags`` say."""
+def _compile(
+    model: torch.nn.Module, mode: str, flags: set[str], options: dict[str, Any] | None = None
+):
+    """``torch.compile`` of ``model`` in Inductor mode ``mode``, by the offload backend with
+    ``options`` (which carry the mode) where given, else by Inductor, as ``flags`` say."""
     dynamic = False if "static" in flags else None
-    if backend:
-        return torch.compile(model, backend="offload", dynamic=dynamic, **backend)
+    if options is not None:
+        return torch.compile(model, backend="offload", options=options, dynamic=dynamic)
     return torch.compile(model, mode=None if mode == "default" else mode, dynamic=dynamic)
 
 

@@ -17,7 +17,6 @@ replayed from a CUDA graph) and writes ``<mode>-<tokens>.json`` with:
 - the memsets (count and time per call: cuBLAS may need some for split-K kernels) and the
   kernels run most often, by name;
 - the effective bandwidth of the copies (bytes / time each copy ran), and that of the floor;
-
 - ``returned_ms_per_call`` and ``done_ms_per_call``: one more run of back-to-back calls, per
   call until the last returned to Python and until the device finished (`return_ms`: near
   each other only if the host waits for the device);
