@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.offload_bench import SMOKE, analyse, base_mode, markdown, mode_flags, prepare
+from benchmarks.offload_bench import (
+    SMOKE,
+    GpuLock,
+    analyse,
+    base_mode,
+    markdown,
+    mode_flags,
+    prepare,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -198,7 +206,7 @@ def test_mode_flags_split_from_the_inductor_mode():
 
 
 @pytest.mark.parametrize(("mode", "graphs"), [("default", 2), ("default+static", 3)])
-def test_a_static_mode_compiles_every_token_count_on_its_own(mode, graphs):
+def test_a_static_mode_compiles_every_token_count_on_its_own(tmp_path, mode, graphs):
     """Without the flag the second token count compiles one graph of dynamic shape that
     serves the third; with it each token count is a graph of its own."""
     from torch._dynamo.utils import counters
@@ -207,19 +215,10 @@ def test_a_static_mode_compiles_every_token_count_on_its_own(mode, graphs):
     spec["prefetch"] = {"offload_group_size": 2, "offload_num_in_group": 1}
     torch._dynamo.reset()
     counters.clear()
-    call, moved, _ = prepare(spec, torch.device("cpu"), torch.float32, _NoLock())
+    lock = GpuLock(tmp_path / "gpu.lock")  # one process: the lock is always free
+    call, moved, _ = prepare(spec, torch.device("cpu"), torch.float32, lock)
     assert moved > 0
     with torch.no_grad():
         for tokens in (4, 16, 9):
             assert call(torch.randint(0, SMOKE["vocab"], (1, tokens))).shape[1] == tokens
     assert counters["stats"]["unique_graphs"] == graphs
-
-
-class _NoLock:
-    """`prepare` releases and takes the GPU lock around its CPU build; one process needs none."""
-
-    def acquire(self) -> None:
-        pass
-
-    def release(self) -> None:
-        pass
