@@ -20,6 +20,15 @@ replayed from a CUDA graph) and writes ``<mode>-<tokens>.json`` with:
 - ``returned_ms_per_call`` and ``done_ms_per_call``: one more run of back-to-back calls, per
   call until the last returned to Python and until the device finished (`return_ms`: near
   each other only if the host waits for the device);
+- ``restores``: how many times the host-copy state was brought back to where a CUDA graph's
+  program starts (`SlotCounters._prepare`, each a release on the caller's stream and a copy
+  issued before the call), in the timed runs and in the profiled calls;
+- with ``--cpu``, ``host``: the host side of the profiled calls (`host_side`): for each copy,
+  how long after the host issued it the device started it, the copies the device started at
+  once (the copy engine had waited for the host), and the CUDA runtime calls by total time
+  (a synchronizing call there means the host waited for the device);
+- with ``--pin-cores N``, ``ms_pinned_runs``: the timed runs again with the process on N cores
+  (as `benchmarks.offload_bench` measures, on two);
 
 and a Chrome trace ``<mode>-<tokens>.trace.json.gz`` to look at.
 
@@ -39,7 +48,9 @@ import functools
 import gzip
 import itertools
 import json
+import logging
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -111,13 +122,101 @@ def summarise(prof, calls: int, top: int = 12) -> dict:
     }
 
 
-def profiled_calls(run: Callable[[], object], calls: int):
-    """The PyTorch profiler (CUDA activities, replayed graph nodes included) over ``calls``
-    back-to-back ``run()``, between two device syncs."""
+def host_side(trace: dict, calls: int, top: int = 12) -> dict:
+    """The host side of a Chrome trace of ``calls`` calls profiled with CPU activities (times
+    in ms).
+
+    For each kind of launching runtime call (``cudaMemcpyAsync``, ``cudaGraphLaunch``,
+    ``cudaLaunchKernel``...), how long after the host's call returned the device started what
+    it launched (matched by correlation id): near zero, the device had been waiting for the
+    host. For the host-to-device copies, those the device started within 20 µs of their issue
+    and the copy-idle time just before them: what the host's lateness cost the copy engine.
+    And the runtime calls by total time (a synchronizing call there: the host waited).
+    """
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    runtime = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")]
+    issued = {
+        e["args"]["correlation"]: (e["name"], e["ts"] + e["dur"])
+        for e in runtime
+        if "correlation" in e.get("args", {})
+    }
+    device = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    first: dict[int, float] = {}
+    for e in device:
+        correlation = e.get("args", {}).get("correlation")
+        if correlation in issued:
+            first[correlation] = min(first.get(correlation, math.inf), e["ts"])
+    leads: dict[str, list[float]] = {}
+    for correlation, start in first.items():
+        name, end = issued[correlation]
+        leads.setdefault(name, []).append((start - end) / 1e3)
+    copies = sorted(
+        (e["ts"], e["ts"] + e["dur"], e.get("args", {}).get("correlation"))
+        for e in device
+        if e.get("cat") == "gpu_memcpy" and "htod" in e.get("name", "").lower()
+    )
+    on_issue, late_idle, previous_end = 0, 0.0, None
+    for start, end, correlation in copies:
+        if correlation in issued and start - issued[correlation][1] < 20:
+            on_issue += 1
+            if previous_end is not None:
+                late_idle += max(0.0, start - previous_end)
+        previous_end = end
+    totals: dict[str, list[float]] = {}
+    for e in runtime:
+        totals.setdefault(e["name"], []).append(e["dur"])
+    by_total = sorted(totals.items(), key=lambda item: -sum(item[1]))[:top]
+    return {
+        "device_start_after_issue_ms": {name: _quantiles(v) for name, v in leads.items()},
+        "copies_started_on_issue_per_call": on_issue / calls,
+        "copy_idle_before_late_copies_ms_per_call": late_idle / 1e3 / calls,
+        "runtime_calls_ms_per_call": [
+            {"name": name, "count": len(durs) / calls, "ms": sum(durs) / 1e3 / calls}
+            for name, durs in by_total
+        ],
+    }
+
+
+def _quantiles(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {
+        "n": len(ordered),
+        "min": ordered[0],
+        "p10": pick(0.1),
+        "median": pick(0.5),
+        "max": ordered[-1],
+    }
+
+
+class RestoreCounter(logging.Handler):
+    """Counts the state restores `SlotCounters._prepare` logs (at DEBUG)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "the graph starts from" in record.getMessage():
+            self.count += 1
+
+    def install(self) -> RestoreCounter:
+        counters_log = logging.getLogger("offload_compiler.counters")
+        counters_log.setLevel(logging.DEBUG)
+        counters_log.addHandler(self)
+        return self
+
+
+def profiled_calls(run: Callable[[], object], calls: int, cpu: bool = False):
+    """The PyTorch profiler (CUDA activities, replayed graph nodes included; with ``cpu``
+    the host's too) over ``calls`` back-to-back ``run()``, between two device syncs."""
     from torch.profiler import ProfilerActivity, profile
 
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if cpu else [])
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=activities) as prof:
         for _ in range(calls):
             run()
         torch.cuda.synchronize()
@@ -153,8 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=_configs, default=_configs("1/1/1:pp"))
     parser.add_argument("--modes", type=_modes, default=["default", "reduce-overhead"])
     parser.add_argument("--calls", type=int, default=3)
+    parser.add_argument("--cpu", action="store_true", help="profile the host too (`host_side`)")
+    parser.add_argument("--pin-cores", type=int, default=0, help="time again on this many cores")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    restores = RestoreCounter().install()
 
     device = torch.device("cuda", torch.cuda.current_device())
     lock = GpuLock(Path(tempfile.mkstemp()[1]))
@@ -180,15 +282,24 @@ def main(argv: list[str] | None = None) -> int:
     for tokens, ids in inputs.items():
         with torch.no_grad():
             calls = {mode: call for mode, (call, _, _) in models.items()}
+            before = restores.count
             times = time_calls(calls, ids, True, 5, 0.5)
+            timed_restores = restores.count - before
             returns = {
                 mode: return_ms(call, ids, statistics.median(times[mode]), 0.5)
                 for mode, call in calls.items()
             }
+            pinned = {}
+            if args.pin_cores:
+                cores = sorted(os.sched_getaffinity(0))
+                os.sched_setaffinity(0, cores[: args.pin_cores])
+                pinned = time_calls(calls, ids, True, 5, 0.5)
+                os.sched_setaffinity(0, cores)
         for mode, (call, moved, hosts) in models.items():
             floor = copy_floor_ms(hosts, device)
+            before = restores.count
             with torch.no_grad():
-                prof = profiled_calls(functools.partial(call, ids), args.calls)
+                prof = profiled_calls(functools.partial(call, ids), args.calls, args.cpu)
             summary = {
                 "mode": mode,
                 "config": args.config[0],
@@ -197,16 +308,21 @@ def main(argv: list[str] | None = None) -> int:
                 "ms": statistics.median(times[mode]),
                 "ms_runs": times[mode],
                 **returns[mode],
+                "ms_pinned_runs": pinned.get(mode),
+                "restores": {"timed_runs_all_modes": timed_restores, "profiled": 0},
                 "copied_bytes_per_call": moved,
                 "copy_floor_ms": floor,
                 "copy_floor_GBps": moved / (floor * 1e6),
                 **summarise(prof, args.calls),
             }
+            summary["restores"]["profiled"] = restores.count - before
             summary["copy_GBps_while_running"] = moved / (summary["copy_busy_ms_per_call"] * 1e6)
             name = f"{mode}-{tokens}"
-            (args.out / f"{name}.json").write_text(json.dumps(summary, indent=1))
             trace = args.out / f"{name}.trace.json"
             prof.export_chrome_trace(str(trace))
+            if args.cpu:
+                summary["host"] = host_side(json.loads(trace.read_text()), args.calls)
+            (args.out / f"{name}.json").write_text(json.dumps(summary, indent=1))
             with trace.open("rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
                 packed.write(raw.read())
             trace.unlink()

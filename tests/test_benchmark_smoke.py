@@ -155,6 +155,62 @@ def test_profile_summary_counts_copies_gaps_memsets_and_kernels_per_call():
     assert summary["kernel_count_per_call"] == 1.5
 
 
+def test_host_side_matches_launches_to_device_work_by_correlation():
+    """profile_offload.host_side on a made-up Chrome trace of two calls: a copy the device
+    started 500 µs after its issue, one it started at once after the copy engine idled 300 µs
+    (the host was late), a graph launch, and a synchronizing runtime call."""
+    from benchmarks.profile_offload import host_side
+
+    def x(cat: str, name: str, ts: float, dur: float, correlation: int) -> dict:
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur,
+                "args": {"correlation": correlation}}  # fmt: skip
+
+    copy = "Memcpy HtoD (Pinned -> Device)"
+    trace = {
+        "traceEvents": [
+            x("cuda_runtime", "cudaMemcpyAsync", 0, 10, 1),
+            x("gpu_memcpy", copy, 510, 1000, 1),  # issued at 10, started 500 later
+            x("cuda_runtime", "cudaGraphLaunch", 20, 30, 2),
+            x("kernel", "spin", 1050, 5, 2),
+            x("kernel", "mm", 1100, 200, 2),
+            x("cuda_runtime", "cudaMemcpyAsync", 1795, 10, 3),
+            x("gpu_memcpy", copy, 1810, 1000, 3),  # 5 µs after its issue; idle 300 before
+            x("cuda_runtime", "cudaStreamSynchronize", 1900, 1000, 4),
+            {"ph": "i", "cat": "cuda_runtime", "name": "marker", "ts": 0},
+        ]
+    }
+    host = host_side(trace, calls=2)
+    leads = host["device_start_after_issue_ms"]
+    assert leads["cudaMemcpyAsync"]["n"] == 2
+    assert leads["cudaMemcpyAsync"]["min"] == pytest.approx(0.005)
+    assert leads["cudaMemcpyAsync"]["max"] == pytest.approx(0.5)
+    assert leads["cudaGraphLaunch"] == {
+        "n": 1, "min": 1.0, "p10": 1.0, "median": 1.0, "max": 1.0
+    }  # fmt: skip
+    assert host["copies_started_on_issue_per_call"] == 0.5
+    assert host["copy_idle_before_late_copies_ms_per_call"] == pytest.approx(0.15)
+    assert host["runtime_calls_ms_per_call"][0] == {
+        "name": "cudaStreamSynchronize", "count": 0.5, "ms": 0.5
+    }  # fmt: skip
+
+
+def test_restore_counter_counts_the_counters_state_restores():
+    import logging
+
+    from benchmarks.profile_offload import RestoreCounter
+
+    counter = RestoreCounter().install()
+    log = logging.getLogger("offload_compiler.counters")
+    try:
+        log.debug("offload: entity %d holds %s, the graph starts from %s", 3, 1, 0)
+        log.debug("offload: something else")
+        log.debug("offload: entity %d holds %s, the graph starts from %s", 4, None, 2)
+        assert counter.count == 2
+    finally:
+        log.removeHandler(counter)
+        log.setLevel(logging.NOTSET)
+
+
 @pytest.mark.parametrize(
     ("variants", "why"),
     [
