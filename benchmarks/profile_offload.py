@@ -257,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     restores = RestoreCounter().install()
+    # every model's graphs are entries of one Dynamo frame (the model's forward): room for a
+    # static and a dynamic graph per token count of every mode
+    torch._dynamo.config.recompile_limit = max(
+        torch._dynamo.config.recompile_limit, len(args.modes) * (len(args.tokens) + 1)
+    )
 
     device = torch.device("cuda", torch.cuda.current_device())
     lock = GpuLock(Path(tempfile.mkstemp()[1]))
