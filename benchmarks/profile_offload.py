@@ -38,7 +38,8 @@ A mode may carry flags and a suffix, as in `benchmarks.offload_bench` (``MODE_FL
 CUDA graphs (``prefetch.offload_capturable``: copies joined at the end, next-call copies at the
 top), which tells what the schedule costs from what the CUDA graph costs; ``+static`` compiles
 every token count as a graph of static shape, ``+captured`` keeps the copies in the CUDA graphs.
-``inductor_counters.json`` holds Inductor's counters after the compiles (CUDA-graph skips).
+``inductor_counters.json`` holds Inductor's counters after the compiles (CUDA-graph skips),
+``streams.json`` the pool streams the models took, in order (`StreamLog`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gzip
+import inspect
 import itertools
 import json
 import logging
@@ -191,6 +193,37 @@ def _quantiles(values: list[float]) -> dict[str, float] | None:
     }
 
 
+class StreamLog:
+    """Every pool stream created (``torch.cuda.Stream``), in order, with the file that asked
+    for it and the mode being prepared: CUDA maps streams onto a few hardware queues by
+    creation order (``CUDA_DEVICE_MAX_CONNECTIONS``), so which streams of a model may share
+    one follows from this order."""
+
+    def __init__(self) -> None:
+        self.created: list[dict] = []
+        self.mode: str | None = None
+        original = torch.cuda.Stream.__new__
+
+        def new(cls, device=None, priority=0, **kwargs):
+            stream = original(cls, device, priority, **kwargs)
+            if not kwargs:  # from the pool (not an external stream or a stream id)
+                caller = next(
+                    (f for f in inspect.stack()[1:] if "torch/cuda" not in f.filename), None
+                )
+                self.created.append(
+                    {
+                        "index": len(self.created),
+                        "mode": self.mode,
+                        "stream_id": stream.stream_id,
+                        "priority": priority,
+                        "by": f"{Path(caller.filename).name}:{caller.function}" if caller else "",
+                    }
+                )
+            return stream
+
+        torch.cuda.Stream.__new__ = staticmethod(new)
+
+
 class RestoreCounter(logging.Handler):
     """Counts the state restores `SlotCounters._prepare` logs (at DEBUG)."""
 
@@ -257,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     restores = RestoreCounter().install()
+    streams = StreamLog()
     # every model's graphs are entries of one Dynamo frame (the model's forward): room for a
     # static and a dynamic graph per token count of every mode
     torch._dynamo.config.recompile_limit = max(
@@ -268,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     inputs = {t: torch.randint(0, LLAMA_8B["vocab"], (1, t), device=device) for t in args.tokens}
     models = {}
     for mode in args.modes:
+        streams.mode = mode
         spec = {
             "method": "offload",
             "mode": mode,
@@ -282,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
             for ids in inputs.values():  # compiles happen here
                 for _ in range(3):
                     models[mode][0](ids)
+    streams.mode = None
+    (args.out / "streams.json").write_text(json.dumps(streams.created, indent=1))
     inductor = dict(torch._dynamo.utils.counters["inductor"])
     (args.out / "inductor_counters.json").write_text(json.dumps(inductor, indent=1))
     for tokens, ids in inputs.items():
@@ -316,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ms_pinned_runs": pinned.get(mode),
                 "restores": {"timed_runs_all_modes": timed_restores, "profiled": 0},
                 "copied_bytes_per_call": moved,
+                "cuda_device_max_connections": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS"),
                 "copy_floor_ms": floor,
                 "copy_floor_GBps": moved / (floor * 1e6),
                 **summarise(prof, args.calls),
