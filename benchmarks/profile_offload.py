@@ -62,6 +62,8 @@ from pathlib import Path
 
 import torch
 
+import offload_compiler.runtime as offload_runtime
+from benchmarks import pinned_pages
 from benchmarks.offload_bench import (
     LLAMA_8B,
     GpuLock,
@@ -287,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--cpu", action="store_true", help="profile the host too (`host_side`)")
     parser.add_argument("--pin-cores", type=int, default=0, help="time again on this many cores")
+    parser.add_argument(
+        "--rehome",
+        type=lambda text: [m for m in text.split(",") if m],
+        default=[],
+        help="modes whose host copies move to huge-page pinned memory (`pinned_pages`)",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     restores = RestoreCounter().install()
@@ -301,8 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     lock = GpuLock(Path(tempfile.mkstemp()[1]))
     inputs = {t: torch.randint(0, LLAMA_8B["vocab"], (1, t), device=device) for t in args.tokens}
     models = {}
+    runtimes = {}
     for mode in args.modes:
         streams.mode = mode
+        known = len(offload_runtime._RUNTIMES)
         spec = {
             "method": "offload",
             "mode": mode,
@@ -317,6 +327,30 @@ def main(argv: list[str] | None = None) -> int:
             for ids in inputs.values():  # compiles happen here
                 for _ in range(3):
                     models[mode][0](ids)
+        (runtimes[mode],) = offload_runtime._RUNTIMES[known:]
+    pages = {"transparent_huge_pages": pinned_pages.transparent_huge_pages()}
+    for mode, runtime in runtimes.items():
+        torch.cuda.synchronize()
+        if mode in args.rehome:
+            pinned_pages.rehome_host_copies(runtime)
+        hosts = [t for host in runtime._host for t in host.values()]
+        scratch = torch.empty(max(t.nbytes for t in hosts), dtype=torch.uint8, device=device)
+        into_scratch = [(scratch[: t.nbytes].view(t.dtype).view(t.shape), t) for t in hosts]
+        into_slots = [
+            (slots[name], host[name])
+            for host, slots in zip(runtime._host, runtime._slots, strict=True)
+            for name in host
+        ]
+        pages[mode] = {
+            "rehomed": mode in args.rehome,
+            "host_pages": pinned_pages.huge_page_share(hosts),
+            "into_scratch": pinned_pages.contended_copy_ms(into_scratch, device),
+            "into_slots": pinned_pages.contended_copy_ms(into_slots, device),
+        }
+        pinned_pages.restore_slots(runtime)
+        del scratch, into_scratch
+        print(json.dumps({"pages": mode, **pages[mode]}), flush=True)
+    (args.out / "pages.json").write_text(json.dumps(pages, indent=1))
     streams.mode = None
     (args.out / "streams.json").write_text(json.dumps(streams.created, indent=1))
     inductor = dict(torch._dynamo.utils.counters["inductor"])
