@@ -97,12 +97,10 @@ def restore_slots(runtime) -> None:
     """Copy back into each of an `OffloadRuntime`'s slot buffers the layer it is meant to hold
     (after `contended_copy_ms` wrote other layers into them)."""
     counters = runtime._counters
+    owner = runtime._slot_owner
     for (slot, name), entity in runtime._entity.items():
-        position = (
-            counters.pending[entity]
-            if counters is not None
-            else runtime._slot_owner.get((slot, name))
-        )
+        held = counters.pending[entity] if counters is not None else owner.get((slot, name))
+        position = held
         if position is not None:
             runtime._slots[position][name].copy_(runtime._host[position][name])
     torch.cuda.synchronize(runtime.device)
