@@ -99,8 +99,7 @@ def restore_slots(runtime) -> None:
     counters = runtime._counters
     owner = runtime._slot_owner
     for (slot, name), entity in runtime._entity.items():
-        held = counters.pending[entity] if counters is not None else owner.get((slot, name))
-        position = held
+        position = counters.pending[entity] if counters is not None else owner.get((slot, name))
         if position is not None:
             runtime._slots[position][name].copy_(runtime._host[position][name])
     torch.cuda.synchronize(runtime.device)
