@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+import offload_compiler.runtime as offload_runtime
 from offload_compiler.config import PrefetchOffloadConfig
 from offload_compiler.demo import h2d_gbps
 
@@ -170,6 +171,10 @@ MODE_FLAGS = {
     "cells only)",
     "rejoin": "prefetch.offload_capturable=True: the CUDA-graph schedule (copies joined at the "
     "end, next-call copies at the top) in any mode (offload cells only)",
+    "hugepages": "after warm-up, the host copies move into pinned memory backed by 2 MiB huge "
+    "pages (benchmarks.pinned_pages; offload cells with host copies only)",
+    "repinned": "after warm-up, the host copies move into fresh pinned memory from PyTorch's "
+    "allocator: the control for +hugepages (same work, the driver's pages)",
 }
 
 
@@ -398,8 +403,14 @@ def run_cell(spec: dict, lock: GpuLock, go=None, measuring=None) -> list[dict]:
     if spec["method"] != "bandwidth":
         for tokens in spec["tokens"]:
             inputs[tokens] = torch.randint(0, spec["shape"]["vocab"], (1, tokens), device=device)
+        # every model's graphs are entries of one Dynamo frame: a static and a dynamic graph
+        # per model, and one per token count for +static
+        torch._dynamo.config.recompile_limit = max(
+            torch._dynamo.config.recompile_limit, len(modes) * (len(inputs) + 1)
+        )
         for mode in modes:
             before = torch.cuda.memory_allocated(device) if cuda else 0
+            known = len(offload_runtime._RUNTIMES)
             call, moved, hosts = prepare({**spec, "mode": mode}, device, dtype, lock)
             resident = torch.cuda.memory_allocated(device) - before if cuda else 0
             with torch.no_grad():
@@ -409,6 +420,12 @@ def run_cell(spec: dict, lock: GpuLock, go=None, measuring=None) -> list[dict]:
                     if cuda:
                         torch.cuda.synchronize()
                     _progress(setup, f"{mode}: {tokens} tokens compiled and warmed up")
+            if mode_flags(mode) & {"hugepages", "repinned"}:
+                from benchmarks import pinned_pages
+
+                for runtime in offload_runtime._RUNTIMES[known:]:
+                    hosts = pinned_pages.rehome_as_flagged(runtime, mode_flags(mode))
+                _progress(setup, f"{mode}: host copies {pinned_pages.huge_page_share(hosts)}")
             prepared[mode] = (call, moved, resident, hosts)
         if cuda:
             torch.cuda.synchronize()

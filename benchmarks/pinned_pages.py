@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -78,14 +78,23 @@ def huge_page_share(tensors: Sequence[torch.Tensor]) -> dict[str, float]:
     return {"rss_kB": rss, "anon_huge_kB": huge, "mappings": sorted(kinds)}
 
 
-def rehome_host_copies(runtime) -> list[torch.Tensor]:
-    """Move an `OffloadRuntime`'s host copies into `huge_pinned` memory (host copies only: the
-    runtime then issues its copies from the new buffers; a CUDA graph that captured copies
-    would still read the old ones)."""
+def torch_pinned(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of pinned host memory from PyTorch's allocator (the CUDA driver's pages)."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+def rehome_host_copies(
+    runtime, allocate: Callable[[int], torch.Tensor] = huge_pinned
+) -> list[torch.Tensor]:
+    """Move an `OffloadRuntime`'s host copies into memory from ``allocate`` (host copies only:
+    the runtime then issues its copies from the new buffers; a CUDA graph that captured copies
+    would still read the old ones). Returns the new host tensors."""
+    if not runtime.host_copies:
+        raise ValueError("only a runtime with host copies can move them after recording")
     moved = []
     for host in runtime._host:
         for name, tensor in host.items():
-            raw = huge_pinned(tensor.nbytes)
+            raw = allocate(tensor.nbytes)
             new = raw.view(tensor.dtype).view(tensor.shape)
             new.copy_(tensor)
             host[name] = new
@@ -103,6 +112,35 @@ def restore_slots(runtime) -> None:
         if position is not None:
             runtime._slots[position][name].copy_(runtime._host[position][name])
     torch.cuda.synchronize(runtime.device)
+
+
+def load_test(runtime, device: torch.device) -> dict[str, dict[str, float]]:
+    """`contended_copy_ms` of an `OffloadRuntime`'s host copies into a scratch buffer and into
+    its own slot buffers (whose contents are put back after)."""
+    hosts = [t for host in runtime._host for t in host.values()]
+    scratch = torch.empty(max(t.nbytes for t in hosts), dtype=torch.uint8, device=device)
+    into_scratch = [(scratch[: t.nbytes].view(t.dtype).view(t.shape), t) for t in hosts]
+    into_slots = [
+        (slots[name], host[name])
+        for host, slots in zip(runtime._host, runtime._slots, strict=True)
+        for name in host
+    ]
+    result = {
+        "into_scratch": contended_copy_ms(into_scratch, device),
+        "into_slots": contended_copy_ms(into_slots, device),
+    }
+    restore_slots(runtime)
+    return result
+
+
+def rehome_as_flagged(runtime, flags: set[str]) -> list[torch.Tensor] | None:
+    """`rehome_host_copies` as a benchmark mode's flags say (``+hugepages``: `huge_pinned`,
+    ``+repinned``: `torch_pinned`); None where they say neither."""
+    if "hugepages" in flags:
+        return rehome_host_copies(runtime, huge_pinned)
+    if "repinned" in flags:
+        return rehome_host_copies(runtime, torch_pinned)
+    return None
 
 
 def _weights(device: torch.device, total_bytes: int) -> list[torch.Tensor]:

@@ -71,6 +71,7 @@ from benchmarks.offload_bench import (
     _ints,
     _modes,
     copy_floor_ms,
+    mode_flags,
     prepare,
     time_calls,
 )
@@ -290,10 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu", action="store_true", help="profile the host too (`host_side`)")
     parser.add_argument("--pin-cores", type=int, default=0, help="time again on this many cores")
     parser.add_argument(
-        "--rehome",
-        type=lambda text: [m for m in text.split(",") if m],
-        default=[],
-        help="modes whose host copies move to huge-page pinned memory (`pinned_pages`)",
+        "--pages",
+        action="store_true",
+        help="time each model's copies alone and under load first (pages.json, `pinned_pages`)",
     )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -330,25 +330,12 @@ def main(argv: list[str] | None = None) -> int:
         (runtimes[mode],) = offload_runtime._RUNTIMES[known:]
     pages = {"transparent_huge_pages": pinned_pages.transparent_huge_pages()}
     for mode, runtime in runtimes.items():
-        torch.cuda.synchronize()
-        if mode in args.rehome:
-            pinned_pages.rehome_host_copies(runtime)
+        pinned_pages.rehome_as_flagged(runtime, mode_flags(mode))
         hosts = [t for host in runtime._host for t in host.values()]
-        scratch = torch.empty(max(t.nbytes for t in hosts), dtype=torch.uint8, device=device)
-        into_scratch = [(scratch[: t.nbytes].view(t.dtype).view(t.shape), t) for t in hosts]
-        into_slots = [
-            (slots[name], host[name])
-            for host, slots in zip(runtime._host, runtime._slots, strict=True)
-            for name in host
-        ]
-        pages[mode] = {
-            "rehomed": mode in args.rehome,
-            "host_pages": pinned_pages.huge_page_share(hosts),
-            "into_scratch": pinned_pages.contended_copy_ms(into_scratch, device),
-            "into_slots": pinned_pages.contended_copy_ms(into_slots, device),
-        }
-        pinned_pages.restore_slots(runtime)
-        del scratch, into_scratch
+        models[mode] = (*models[mode][:2], hosts)
+        pages[mode] = {"host_pages": pinned_pages.huge_page_share(hosts)}
+        if args.pages:
+            pages[mode].update(pinned_pages.load_test(runtime, device))
         print(json.dumps({"pages": mode, **pages[mode]}), flush=True)
     (args.out / "pages.json").write_text(json.dumps(pages, indent=1))
     streams.mode = None

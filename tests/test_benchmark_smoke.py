@@ -278,3 +278,34 @@ def test_a_static_mode_compiles_every_token_count_on_its_own(tmp_path, mode, gra
         for tokens in (4, 16, 9):
             assert call(torch.randint(0, SMOKE["vocab"], (1, tokens))).shape[1] == tokens
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_the_rehoming_flags_parse_and_refuse_a_runtime_without_host_copies():
+    """+hugepages/+repinned are mode flags; moving host copies after recording is refused for
+    a runtime whose CUDA graphs (if any) would hold the copies, as every CPU runtime's."""
+    from benchmarks import pinned_pages
+    from offload_compiler.config import PrefetchOffloadConfig
+    from offload_compiler.planning import plan_prefetch
+    from offload_compiler.runtime import OffloadRuntime
+    from tests.models import MLPStack
+
+    assert mode_flags("reduce-overhead+hugepages") == {"hugepages"}
+    assert mode_flags("reduce-overhead+repinned.2") == {"repinned"}
+    model = MLPStack()
+    plan = plan_prefetch(
+        model.blocks, "blocks", PrefetchOffloadConfig(offload_group_size=2), shared=set()
+    )
+    runtime = OffloadRuntime(0, model.blocks, plan, torch.device("cpu"), "h", False)
+    assert pinned_pages.rehome_as_flagged(runtime, set()) is None
+    with pytest.raises(ValueError, match="only a runtime with host copies"):
+        pinned_pages.rehome_as_flagged(runtime, {"repinned"})
+
+
+def test_huge_page_share_reads_the_mappings_of_the_tensors():
+    from benchmarks import pinned_pages
+
+    touched = torch.ones(8 << 20, dtype=torch.uint8)
+    share = pinned_pages.huge_page_share([touched])
+    assert share["rss_kB"] >= 8 << 10
+    assert "[anon]" in share["mappings"]
+    assert pinned_pages.transparent_huge_pages().keys() == {"enabled", "defrag"}
