@@ -309,3 +309,25 @@ def test_huge_page_share_reads_the_mappings_of_the_tensors():
     assert share["rss_kB"] >= 8 << 10
     assert "[anon]" in share["mappings"]
     assert pinned_pages.transparent_huge_pages().keys() == {"enabled", "defrag"}
+
+
+def test_compare_profiles_tabulates_modes_against_each_runs_default(tmp_path):
+    from benchmarks.compare_profiles import compare
+
+    def run(name: str, times: dict[str, float]) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        for mode, ms in times.items():
+            (folder / f"{mode}-2048.json").write_text(json.dumps({"mode": mode, "ms": ms}))
+            (folder / f"{mode}-16.json").write_text(json.dumps({"mode": mode, "ms": 1.0}))
+        return folder
+
+    first = run("one", {"default": 32.0, "reduce-overhead": 34.0, "reduce-overhead.2": 32.1})
+    second = run("two", {"default": 33.0, "reduce-overhead": 33.0})
+    rows, slower = compare([first, second], 2048)
+    assert rows[0] == "| run | default ms | reduce-overhead | reduce-overhead.2 |"
+    assert rows[2] == "| one | 32.00 | +6.2% | +0.3% |"
+    assert rows[3] == "| two | 33.00 | +0.0% |  |"
+    assert slower == {"reduce-overhead": [2, 1], "reduce-overhead.2": [1, 0]}
+    with pytest.raises(ValueError, match="no default-mode summary"):
+        compare([run("three", {"reduce-overhead": 30.0})], 2048)
