@@ -37,9 +37,14 @@ A mode may carry flags and a suffix, as in `benchmarks.offload_bench` (``MODE_FL
 ``default+rejoin`` runs default mode with the schedule the backend gives graphs that run as
 CUDA graphs (``prefetch.offload_capturable``: copies joined at the end, next-call copies at the
 top), which tells what the schedule costs from what the CUDA graph costs; ``+static`` compiles
-every token count as a graph of static shape, ``+captured`` keeps the copies in the CUDA graphs.
+every token count as a graph of static shape, ``+captured`` keeps the copies in the CUDA graphs,
+``+hugepages`` and ``+repinned`` move the model's host copies after warm-up into huge-page or
+fresh driver-pinned memory (`benchmarks.pinned_pages`).
 ``inductor_counters.json`` holds Inductor's counters after the compiles (CUDA-graph skips),
-``streams.json`` the pool streams the models took, in order (`StreamLog`).
+``streams.json`` the pool streams the models took, in order (`StreamLog`), ``pages.json`` how
+each model's host copies are paged and, with ``--pages``, its copies timed alone and under a
+weight-streaming load (`pinned_pages.load_test`, run before any timing).
+``benchmarks.compare_profiles`` sets several runs side by side.
 """
 
 from __future__ import annotations
