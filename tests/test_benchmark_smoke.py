@@ -331,3 +331,39 @@ def test_compare_profiles_tabulates_modes_against_each_runs_default(tmp_path):
     assert slower == {"reduce-overhead": [2, 1], "reduce-overhead.2": [1, 0]}
     with pytest.raises(ValueError, match="no default-mode summary"):
         compare([run("three", {"reduce-overhead": 30.0})], 2048)
+
+
+def test_copies_beside_groups_copies_by_the_kernels_that_ran_with_them():
+    """A copy beside an offloaded layer's matmul (a spin before it), one beside a resident
+    layer's matmul, one beside a spin alone, and one small copy left out."""
+    from benchmarks.copy_neighbours import copies_beside, label_kernels
+
+    def x(cat: str, name: str, ts: float, dur: float, nbytes: int = 0) -> dict:
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur,
+                "args": {"bytes": nbytes}}  # fmt: skip
+
+    copy = "Memcpy HtoD (Pinned -> Device)"
+    kernels = [
+        x("kernel", "mm", 0, 1000),  # resident: no marker within two kernels
+        x("kernel", "norm", 1000, 10),
+        x("kernel", "add", 1010, 10),
+        x("kernel", "spin", 1020, 10),
+        x("kernel", "mm", 1030, 1000),  # offloaded: a spin just before
+        x("kernel", "bump", 2030, 1),
+        x("kernel", "spin", 2031, 2000),
+    ]
+    events = [
+        *kernels,
+        x("gpu_memcpy", copy, 0, 1000, 50_000_000),  # 50 GB/s beside the resident mm
+        x("gpu_memcpy", copy, 1030, 1000, 40_000_000),  # 40 GB/s beside the offloaded mm
+        x("gpu_memcpy", copy, 2031, 2000, 110_000_000),  # 55 GB/s beside the spin
+        x("gpu_memcpy", copy, 2031, 10, 8192),  # too small to count
+    ]
+    assert label_kernels(kernels) == [
+        "resident", "offloaded", "offloaded", "spin", "offloaded", "bump", "spin"
+    ]  # fmt: skip
+    assert copies_beside(events) == {
+        "offloaded": {"copies": 1, "median_GBps": 40.0},
+        "resident": {"copies": 1, "median_GBps": 50.0},
+        "spin": {"copies": 1, "median_GBps": 55.0},
+    }
