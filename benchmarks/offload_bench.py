@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 import offload_compiler.runtime as offload_runtime
+from benchmarks import pinned_pages
 from offload_compiler.config import PrefetchOffloadConfig
 from offload_compiler.demo import h2d_gbps
 
@@ -421,8 +422,6 @@ def run_cell(spec: dict, lock: GpuLock, go=None, measuring=None) -> list[dict]:
                         torch.cuda.synchronize()
                     _progress(setup, f"{mode}: {tokens} tokens compiled and warmed up")
             if mode_flags(mode) & {"hugepages", "repinned"}:
-                from benchmarks import pinned_pages
-
                 for runtime in offload_runtime._RUNTIMES[known:]:
                     hosts = pinned_pages.rehome_as_flagged(runtime, mode_flags(mode))
                 _progress(setup, f"{mode}: host copies {pinned_pages.huge_page_share(hosts)}")
