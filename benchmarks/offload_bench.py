@@ -195,6 +195,15 @@ def mode_flags(mode: str) -> set[str]:
     return flags
 
 
+def make_room_for_graphs(models: int, token_counts: int) -> None:
+    """Raise Dynamo's recompile limit for ``models`` models of one class in one process: their
+    graphs are entries of one Dynamo frame (the model's forward), a static and a dynamic graph
+    per model, or one per token count under +static."""
+    torch._dynamo.config.recompile_limit = max(
+        torch._dynamo.config.recompile_limit, models * (token_counts + 1)
+    )
+
+
 def _compile(
     model: torch.nn.Module, mode: str, flags: set[str], options: dict[str, Any] | None = None
 ):
@@ -404,11 +413,7 @@ def run_cell(spec: dict, lock: GpuLock, go=None, measuring=None) -> list[dict]:
     if spec["method"] != "bandwidth":
         for tokens in spec["tokens"]:
             inputs[tokens] = torch.randint(0, spec["shape"]["vocab"], (1, tokens), device=device)
-        # every model's graphs are entries of one Dynamo frame: a static and a dynamic graph
-        # per model, and one per token count for +static
-        torch._dynamo.config.recompile_limit = max(
-            torch._dynamo.config.recompile_limit, len(modes) * (len(inputs) + 1)
-        )
+        make_room_for_graphs(len(modes), len(inputs))
         for mode in modes:
             before = torch.cuda.memory_allocated(device) if cuda else 0
             known = len(offload_runtime._RUNTIMES)

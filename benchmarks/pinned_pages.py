@@ -56,7 +56,7 @@ def huge_pinned(nbytes: int) -> torch.Tensor:
     return tensor[:nbytes]
 
 
-def huge_page_share(tensors: Sequence[torch.Tensor]) -> dict[str, float]:
+def huge_page_share(tensors: Sequence[torch.Tensor]) -> dict[str, int | list[str]]:
     """kB resident and kB in anonymous huge pages of the mappings holding ``tensors`` (Linux
     smaps; memory pinned by the CUDA driver itself shows as a device mapping, no huge pages)."""
     spans = [(t.data_ptr(), t.data_ptr() + t.untyped_storage().nbytes()) for t in tensors]
@@ -125,9 +125,10 @@ def load_test(runtime, device: torch.device) -> dict[str, dict[str, float]]:
         for host, slots in zip(runtime._host, runtime._slots, strict=True)
         for name in host
     ]
+    weights = _weights(device, 2 << 30)
     result = {
-        "into_scratch": contended_copy_ms(into_scratch, device),
-        "into_slots": contended_copy_ms(into_slots, device),
+        "into_scratch": contended_copy_ms(into_scratch, weights),
+        "into_slots": contended_copy_ms(into_slots, weights),
     }
     restore_slots(runtime)
     return result
@@ -144,6 +145,7 @@ def rehome_as_flagged(runtime, flags: set[str]) -> list[torch.Tensor] | None:
 
 
 def _weights(device: torch.device, total_bytes: int) -> list[torch.Tensor]:
+    """About ``total_bytes`` of Llama-3-8B MLP-shaped weights to stream as load."""
     shape = (14336, 4096)  # a Llama-3-8B MLP weight
     count = max(1, total_bytes // (shape[0] * shape[1] * 2))
     return [torch.randn(shape, dtype=torch.bfloat16, device=device) for _ in range(count)]
@@ -151,13 +153,13 @@ def _weights(device: torch.device, total_bytes: int) -> list[torch.Tensor]:
 
 def contended_copy_ms(
     pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    device: torch.device,
+    weights: Sequence[torch.Tensor],
     tokens: int = 16,
     repeats: int = 3,
 ) -> dict[str, float]:
     """ms to run the copies ``dst.copy_(src)`` back to back on one stream, alone and while
-    ``tokens``-row matmuls stream 2 GB of weights on another stream without pause."""
-    weights = _weights(device, 2 << 30)
+    ``tokens``-row matmuls stream ``weights`` (`_weights`) on another stream without pause."""
+    device = weights[0].device
     x = torch.randn(tokens, 4096, dtype=torch.bfloat16, device=device)
     copy_stream, load_stream = torch.cuda.Stream(device), torch.cuda.Stream(device)
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -182,5 +184,4 @@ def contended_copy_ms(
                     torch.mm(x, w.t())
         loaded.append(copies())
         torch.cuda.synchronize(device)
-    del weights
     return {"alone_ms": alone, "loaded_ms": sorted(loaded)[repeats // 2]}

@@ -76,6 +76,7 @@ from benchmarks.offload_bench import (
     _ints,
     _modes,
     copy_floor_ms,
+    make_room_for_graphs,
     mode_flags,
     prepare,
     time_calls,
@@ -304,11 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     restores = RestoreCounter().install()
     streams = StreamLog()
-    # every model's graphs are entries of one Dynamo frame (the model's forward): room for a
-    # static and a dynamic graph per token count of every mode
-    torch._dynamo.config.recompile_limit = max(
-        torch._dynamo.config.recompile_limit, len(args.modes) * (len(args.tokens) + 1)
-    )
+    make_room_for_graphs(len(args.modes), len(args.tokens))
 
     device = torch.device("cuda", torch.cuda.current_device())
     lock = GpuLock(Path(tempfile.mkstemp()[1]))
@@ -368,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             before = restores.count
             with torch.no_grad():
                 prof = profiled_calls(functools.partial(call, ids), args.calls, args.cpu)
+            profiled_restores = restores.count - before
             summary = {
                 "mode": mode,
                 "config": args.config[0],
@@ -377,14 +375,13 @@ def main(argv: list[str] | None = None) -> int:
                 "ms_runs": times[mode],
                 **returns[mode],
                 "ms_pinned_runs": pinned.get(mode),
-                "restores": {"timed_runs_all_modes": timed_restores, "profiled": 0},
+                "restores": {"timed_runs_all_modes": timed_restores, "profiled": profiled_restores},
                 "copied_bytes_per_call": moved,
                 "cuda_device_max_connections": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS"),
                 "copy_floor_ms": floor,
                 "copy_floor_GBps": moved / (floor * 1e6),
                 **summarise(prof, args.calls),
             }
-            summary["restores"]["profiled"] = restores.count - before
             summary["copy_GBps_while_running"] = moved / (summary["copy_busy_ms_per_call"] * 1e6)
             name = f"{mode}-{tokens}"
             trace = args.out / f"{name}.trace.json"
