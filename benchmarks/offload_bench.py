@@ -513,9 +513,13 @@ def grid(args: argparse.Namespace) -> list[dict]:
     }
     cells: list[dict] = [] if args.smoke else [{**base, "method": "bandwidth"}]
     if args.paired:  # one cell per configuration, its modes timed in turns in one process
+        # A model built later in a process can copy slower than the one built before it
+        # (docs/benchmarks.md, session 16): --both-orders builds the modes in both orders.
+        orders = [args.modes, args.modes[::-1]] if args.both_orders else [args.modes]
         for method, configs in (("offload", args.configs), ("hook", args.hook_configs)):
             for prefetch in configs:
-                cells.append({**base, "method": method, "modes": args.modes, "prefetch": prefetch})
+                for modes in orders:
+                    cells.append({**base, "method": method, "modes": modes, "prefetch": prefetch})
     for mode in args.modes:
         if not args.no_resident:
             cells.append({**base, "method": "resident", "mode": mode})
@@ -562,7 +566,9 @@ def label(cell: dict) -> str:
         )
         if cell["method"] == "offload" and "offload_per_param" in p:
             text += " per-param" if p["offload_per_param"] else " per-layer"
-        return text + (" paired" if cell.get("paired") else "")
+        if cell.get("paired"):  # the models of a paired cell are built in the order of modes
+            text += f" paired, {cell['modes'][0]} first" if cell.get("modes") else " paired"
+        return text
     if cell["method"] == "uva":
         return f"uva {'in-place' if cell['uva']['use_unified_addressing'] else 'copies'}"
     if cell["method"] == "accelerate":
@@ -704,11 +710,13 @@ def run_spread(result: dict) -> float:
 
 def _paired_table(timed: list[dict]) -> list[str]:
     """Paired cells (modes timed in turns in one process): each mode against the first, as the
-    median over runs of (this mode's run / the first mode's run of the same turn) - 1."""
+    median over runs of (this mode's run / the first mode's run of the same turn) - 1; where a
+    configuration ran in both build orders, also the mean of the two orders' medians."""
     pairs: dict[str, list[dict]] = {}
     for cell in timed:
         if cell.get("paired"):
-            key = json.dumps([cell.get("run"), cell["method"], cell.get("prefetch")])
+            key = [cell.get("run"), cell["method"], cell.get("prefetch"), cell.get("modes")]
+            key = json.dumps(key)
             pairs.setdefault(key, []).append(cell)
     if not pairs:
         return []
@@ -721,6 +729,8 @@ def _paired_table(timed: list[dict]) -> list[str]:
         "| method | modes | " + " | ".join(f"{t} tok" for t in tokens) + " |",
         "| --- | --- | " + " | ".join("---" for _ in tokens) + " |",
     ]
+    # (run, method, prefetch, other mode, base mode) -> per order, the medians per token count
+    orders: dict[str, list[list[float]]] = {}
     for cells in pairs.values():
         base = cells[0]
         for other in cells[1:]:
@@ -728,11 +738,24 @@ def _paired_table(timed: list[dict]) -> list[str]:
             if other.get("copy_floor_ms") and base.get("copy_floor_ms"):
                 modes += f" (floors {other['copy_floor_ms']:.2f} vs {base['copy_floor_ms']:.2f})"
             row = [label(base), modes]
+            medians = []
             for b, o in zip(base["results"], other["results"], strict=True):
                 turns = [x / y - 1 for x, y in zip(o["ms_runs"], b["ms_runs"], strict=True)]
-                row.append(f"{o['ms']:.2f} vs {b['ms']:.2f} ({statistics.median(turns):+.1%})")
+                medians.append(statistics.median(turns))
+                row.append(f"{o['ms']:.2f} vs {b['ms']:.2f} ({medians[-1]:+.1%})")
             lines.append("| " + " | ".join(row) + " |")
+            key = json.dumps(
+                [base.get("run"), base["method"], base.get("prefetch"), other["mode"], base["mode"]]
+            )
+            orders.setdefault(key, []).append(medians)
         lines += _mode_group_rows(cells)
+    for key, per_order in orders.items():
+        if len(per_order) > 1:  # both build orders: what the order adds cancels in the mean
+            _, method, prefetch, other, base = json.loads(key)
+            name = label({"method": method, "prefetch": prefetch})
+            means = [statistics.mean(m) for m in zip(*per_order, strict=True)]
+            row = [f"{name} paired", f"{other} vs {base}, mean of {len(per_order)} build orders"]
+            lines.append("| " + " | ".join(row + [f"({m:+.1%})" for m in means]) + " |")
     return lines
 
 
@@ -1001,6 +1024,12 @@ def main(argv: list[str] | None = None) -> int:
         "--paired", action="store_true", help="time the modes of each config in turns"
     )
     parser.add_argument(
+        "--both-orders",
+        action="store_true",
+        help="with --paired, run each config twice, its models built in the --modes order and "
+        "in the reverse order",
+    )
+    parser.add_argument(
         "--quiet", action="store_true", help="stop the other workers while one measures"
     )
     parser.add_argument("--no-resident", action="store_true", help="T_compute from --merge")
@@ -1011,6 +1040,8 @@ def main(argv: list[str] | None = None) -> int:
         return worker_main(json.loads(args.worker), args.lock)
     if args.out is None:
         parser.error("--out is required")
+    if args.both_orders and not args.paired:
+        parser.error("--both-orders needs --paired (it reverses the build order of a paired cell)")
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.offload_bench " + " ".join(
         sys.argv[1:] if argv is None else argv

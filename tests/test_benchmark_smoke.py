@@ -47,22 +47,60 @@ def test_smoke_benchmark_writes_its_three_outputs(tmp_path):
 
 
 def test_paired_cells_time_their_modes_in_turns_in_one_process(tmp_path):
-    """--quiet stops the other workers while one measures (SIGSTOP), which must not hang."""
+    """--quiet stops the other workers while one measures (SIGSTOP), which must not hang;
+    --both-orders runs the paired cell a second time, its models built in reverse order."""
     command = [sys.executable, "-m", "benchmarks.offload_bench", "--smoke", "--paired", "--quiet"]
     command += ["--modes", "default,reduce-overhead", "--configs", "2/1/1", "--hook-configs", ""]
-    command += ["--uva", "", "--no-resident", "--out", str(tmp_path)]
+    command += ["--uva", "", "--no-resident", "--both-orders", "--out", str(tmp_path)]
     out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     cells = json.loads((tmp_path / "results.json").read_text())
-    assert [(c["method"], c["mode"], c["paired"]) for c in cells] == [
-        ("offload", "default", True),
-        ("offload", "reduce-overhead", True),
+    built = sorted((tuple(c["modes"]), c["mode"], c["method"], c["paired"]) for c in cells)
+    assert built == [
+        (("default", "reduce-overhead"), "default", "offload", True),
+        (("default", "reduce-overhead"), "reduce-overhead", "offload", True),
+        (("reduce-overhead", "default"), "default", "offload", True),
+        (("reduce-overhead", "default"), "reduce-overhead", "offload", True),
     ]
-    for cell in cells:  # one worker: the same setup, and a time for every turn
+    for cell in cells:  # one worker per order: the same setup, and a time for every turn
         assert [len(r["ms_runs"]) for r in cell["results"]] == [2, 2]
-        assert cell["setup_s"] == cells[0]["setup_s"]
+        assert [c["setup_s"] for c in cells if c["modes"] == cell["modes"]] == [cell["setup_s"]] * 2
     table = (tmp_path / "results.md").read_text()
-    assert "| offload 2/1 step 1 paired | reduce-overhead vs default |" in table
+    for first in ("default", "reduce-overhead"):
+        assert f"| offload 2/1 step 1 paired, {first} first | reduce-overhead vs default |" in table
+    assert "| offload 2/1 step 1 paired | reduce-overhead vs default, mean of 2 build orders |" in (
+        table
+    )
+
+
+def test_both_orders_needs_paired_cells(tmp_path):
+    command = [sys.executable, "-m", "benchmarks.offload_bench", "--smoke", "--both-orders"]
+    command += ["--out", str(tmp_path)]
+    out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 2 and "--both-orders needs --paired" in out.stderr
+
+
+def test_the_mean_of_both_build_orders_cancels_what_the_order_adds():
+    """A model built second that runs 4% slower whatever its mode shows as +4% in one order
+    and -4% in the other: the mean row of the two orders is the modes' own difference."""
+    prefetch = {"offload_group_size": 2, "offload_num_in_group": 1, "offload_prefetch_step": 1}
+    runs = {  # (build order, mode) -> runs; reduce-overhead 1% faster, the second model +4%
+        ("default", "reduce-overhead"): {"default": [100.0, 100.0], "reduce-overhead": [103.0] * 2},
+        ("reduce-overhead", "default"): {"default": [104.0, 104.0], "reduce-overhead": [99.0] * 2},
+    }
+    cells = [
+        _cell("offload", ms, mode=mode, modes=list(order), prefetch=prefetch, paired=True)
+        for order, times in runs.items()
+        for mode, ms in times.items()
+    ]
+    for cell in cells:
+        cell["copied_bytes_per_forward"] = 0
+    rows = markdown(analyse(cells), "cmd").splitlines()
+    by_order = [r for r in rows if r.startswith("| offload 2/1 step 1 paired, ") and " vs " in r]
+    assert "default first | reduce-overhead vs default | 103.00 vs 100.00 (+3.0%) |" in by_order[0]
+    assert "overhead first | reduce-overhead vs default | 99.00 vs 104.00 (-4.8%) |" in by_order[1]
+    mean = next(r for r in rows if "mean of 2 build orders" in r)
+    assert mean.endswith("| (-0.9%) |")
 
 
 def _cell(method: str, ms: list[float], **extra) -> dict:
