@@ -43,7 +43,8 @@ fresh driver-pinned memory (`benchmarks.pinned_pages`).
 ``inductor_counters.json`` holds Inductor's counters after the compiles (CUDA-graph skips),
 ``streams.json`` the pool streams the models took, in order (`StreamLog`), ``pages.json`` how
 each model's host copies are paged and, with ``--pages``, its copies timed alone and under a
-weight-streaming load (`pinned_pages.load_test`, run before any timing).
+weight-streaming load (`pinned_pages.load_test`, run before any timing), ``slots.json`` where
+each model's slot buffers lie in the caching allocator's segments (`slot_placement`).
 ``benchmarks.compare_profiles`` sets several runs side by side.
 """
 
@@ -68,7 +69,7 @@ from pathlib import Path
 import torch
 
 import offload_compiler.runtime as offload_runtime
-from benchmarks import pinned_pages
+from benchmarks import pinned_pages, slot_placement
 from benchmarks.offload_bench import (
     LLAMA_8B,
     GpuLock,
@@ -340,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
             pages[mode].update(pinned_pages.load_test(runtime, device))
         print(json.dumps({"pages": mode, **pages[mode]}), flush=True)
     (args.out / "pages.json").write_text(json.dumps(pages, indent=1))
+    slots = {mode: slot_placement.runtime_placement(r) for mode, r in runtimes.items()}
+    for mode, where in slots.items():
+        print(json.dumps({"slots": mode, **{k: v for k, v in where.items() if k != "by_buffer"}}))
+    (args.out / "slots.json").write_text(json.dumps(slots, indent=1))
     streams.mode = None
     (args.out / "streams.json").write_text(json.dumps(streams.created, indent=1))
     inductor = dict(torch._dynamo.utils.counters["inductor"])

@@ -405,3 +405,45 @@ def test_copies_beside_groups_copies_by_the_kernels_that_ran_with_them():
         "resident": {"copies": 1, "median_GBps": 50.0},
         "spin": {"copies": 1, "median_GBps": 55.0},
     }
+
+
+def test_slot_placement_finds_each_buffers_segment_and_neighbours():
+    """Two slot buffers share one allocator segment with a third live block, one has a
+    segment of its own; a layer that reuses a slot reuses its buffer, counted once."""
+    from types import SimpleNamespace
+
+    from benchmarks.slot_placement import HUGE, placement, slot_buffers
+
+    shared = torch.empty(3 * 4096, dtype=torch.uint8)
+    first, second, neighbour = shared[:4096], shared[4096:8192], shared[8192:]
+    alone = torch.empty(4096, dtype=torch.uint8)
+    base = shared.data_ptr()
+
+    def block(t: torch.Tensor) -> dict:
+        return {"address": t.data_ptr(), "size": t.numel(), "state": "active_allocated"}
+
+    segments = [
+        {
+            "address": base,
+            "total_size": 3 * 4096,
+            "stream": 0,
+            "segment_pool_id": (0, 0),
+            "blocks": [block(first), block(second), block(neighbour)],
+        },
+        {"address": alone.data_ptr(), "total_size": 4096, "stream": 7, "blocks": [block(alone)]},
+    ]
+    runtime = SimpleNamespace(_slots=[{"w": first, "v": alone}, {"w": first, "v": alone}])
+    assert [t.data_ptr() for t in slot_buffers(runtime)] == [first.data_ptr(), alone.data_ptr()]
+
+    where = placement([first[:16], second, alone], segments)
+    assert (where["buffers"], where["segments"], where["alone_in_segment"]) == (3, 2, 1)
+    assert where["on_2MiB_boundary"] == sum(
+        p % HUGE == 0 for p in (base, base + 4096, alone.data_ptr())
+    )
+    a, b, c = where["by_buffer"]
+    assert a["nbytes"] == 3 * 4096  # a view's storage: the whole buffer it is part of
+    assert (a["offset_in_segment"], a["other_live_blocks"], a["other_live_bytes"]) == (0, 2, 8192)
+    assert (b["offset_in_segment"], b["offset_from_2MiB"]) == (4096, (base + 4096) % HUGE)
+    assert (c["other_live_blocks"], c["segment_stream"], c["segment_pool"]) == (0, 7, [])
+    with pytest.raises(ValueError, match="no allocator segment"):
+        placement([torch.empty(8)], segments)
