@@ -1,6 +1,6 @@
 """Where an offloaded model's slot buffers landed in the CUDA caching allocator's memory.
 
-Session 16 found that the model built second in a process can run its copies 2-10% slower
+Session 16 found that a model built after another in a process can run its copies 2-10% slower
 beside compute, whatever its mode and whatever pages its pinned host copies have
 (docs/benchmarks.md). What differs between two models of one process is then the device memory
 their copies write into: the slot buffers. `placement` reads it from the allocator's snapshot
