@@ -343,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "pages.json").write_text(json.dumps(pages, indent=1))
     slots = {mode: slot_placement.runtime_placement(r) for mode, r in runtimes.items()}
     for mode, where in slots.items():
-        print(json.dumps({"slots": mode, **{k: v for k, v in where.items() if k != "by_buffer"}}))
+        summary = {k: v for k, v in where.items() if k != "by_buffer"}
+        print(json.dumps({"slots": mode, **summary}), flush=True)
     (args.out / "slots.json").write_text(json.dumps(slots, indent=1))
     streams.mode = None
     (args.out / "streams.json").write_text(json.dumps(streams.created, indent=1))

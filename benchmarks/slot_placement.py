@@ -19,15 +19,6 @@ import torch
 HUGE = 2 << 20  # the GPU's large page: cudaMalloc segments start on one
 
 
-def slot_buffers(runtime) -> list[torch.Tensor]:
-    """The distinct slot buffers of an `OffloadRuntime` (every slot, every parameter)."""
-    seen: dict[int, torch.Tensor] = {}
-    for slots in runtime._slots:
-        for tensor in slots.values():
-            seen.setdefault(tensor.data_ptr(), tensor)
-    return list(seen.values())
-
-
 def _segment_of(address: int, segments: Sequence[dict]) -> dict | None:
     return next(
         (s for s in segments if s["address"] <= address < s["address"] + s["total_size"]), None
@@ -74,4 +65,4 @@ def placement(tensors: Iterable[torch.Tensor], segments: Sequence[dict]) -> dict
 
 def runtime_placement(runtime) -> dict:
     """`placement` of an `OffloadRuntime`'s slot buffers in the allocator's current snapshot."""
-    return placement(slot_buffers(runtime), torch.cuda.memory_snapshot())
+    return placement(runtime.pool.buffers(), torch.cuda.memory_snapshot())

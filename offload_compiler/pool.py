@@ -223,8 +223,10 @@ class SlotPool:
             )
         return buffers[key]
 
+    def buffers(self) -> list[torch.Tensor]:
+        """Every buffer allocated so far, slot by slot (each once, however many layers use it)."""
+        return [buf for slot in self._buffers for buf in slot.values()]
+
     @property
     def nbytes(self) -> int:
-        return sum(
-            buf.untyped_storage().nbytes() for slot in self._buffers for buf in slot.values()
-        )
+        return sum(buf.untyped_storage().nbytes() for buf in self.buffers())

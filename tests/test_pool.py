@@ -23,10 +23,12 @@ def test_slot_pool_shares_a_buffer_per_key_and_slot():
     key = SlotKey.of("fc.weight", weight)
     a, b = pool.buffer(0, key), pool.buffer(0, key)
     assert a is b
-    assert pool.buffer(1, key) is not a
+    b2 = pool.buffer(1, key)
+    assert b2 is not a
     other = pool.buffer(0, SlotKey.of("fc.bias", torch.randn(4)))
     assert other.data_ptr() != a.data_ptr()
     assert pool.nbytes == 2 * weight.nbytes + 4 * 4
+    assert [t.data_ptr() for t in pool.buffers()] == [t.data_ptr() for t in (a, other, b2)]
 
 
 def test_slot_buffers_keep_strides():
