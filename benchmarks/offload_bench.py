@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 import offload_compiler.runtime as offload_runtime
-from benchmarks import pinned_pages
+from benchmarks import pinned_pages, slot_placement
 from offload_compiler.config import PrefetchOffloadConfig
 from offload_compiler.demo import h2d_gbps
 
@@ -386,6 +386,15 @@ def _progress(since: float, what: str) -> None:
     print(f"[{time.perf_counter() - since:5.0f} s] {what}", file=sys.stderr, flush=True)
 
 
+def _placement(runtime) -> dict:
+    """`slot_placement.runtime_placement`, or the error that stopped it: a diagnostic must not
+    cost a cell its timings."""
+    try:
+        return slot_placement.runtime_placement(runtime)
+    except Exception as error:  # recorded in the cell's results instead
+        return {"error": repr(error)}
+
+
 def run_cell(spec: dict, lock: GpuLock, go=None, measuring=None) -> list[dict]:
     """Prepare the cell (holding ``lock`` except while compiling), warm up every token count,
     then wait for ``go()`` (the parent's turn to measure) and time it holding ``lock``
@@ -409,6 +418,8 @@ def run_cell(spec: dict, lock: GpuLock, go=None, measuring=None) -> list[dict]:
     setup = time.perf_counter()
     modes = spec.get("modes") or [spec.get("mode", "default")]
     prepared: dict[str, tuple] = {}
+    runtimes: dict[str, list] = {}
+    slots: dict[str, list[dict]] = {}
     inputs = {}
     if spec["method"] != "bandwidth":
         for tokens in spec["tokens"]:
@@ -431,8 +442,12 @@ def run_cell(spec: dict, lock: GpuLock, go=None, measuring=None) -> list[dict]:
                     hosts = pinned_pages.rehome_as_flagged(runtime, mode_flags(mode))
                 _progress(setup, f"{mode}: host copies {pinned_pages.huge_page_share(hosts)}")
             prepared[mode] = (call, moved, resident, hosts)
+            runtimes[mode] = offload_runtime._RUNTIMES[known:]
         if cuda:
             torch.cuda.synchronize()
+            # Where each model's slot buffers lie as the timing starts, to set beside its times:
+            # session 16's "a model built after another is slower" (slot_placement's docstring).
+            slots = {mode: [_placement(r) for r in rs] for mode, rs in runtimes.items()}
     setup_s = time.perf_counter() - setup
     lock.release()
     if go is not None:
@@ -488,6 +503,7 @@ def run_cell(spec: dict, lock: GpuLock, go=None, measuring=None) -> list[dict]:
             "cell_h2d_GBps": (gbps_before + gbps_after) / 2 if cuda else None,
             "copy_floor_ms": statistics.mean(floors[mode]) if mode in floors else None,
             "setup_s": setup_s,
+            "slots": slots.get(mode),
             "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
             "torch": torch.__version__,
             "results": results[mode],

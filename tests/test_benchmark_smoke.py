@@ -64,6 +64,7 @@ def test_paired_cells_time_their_modes_in_turns_in_one_process(tmp_path):
     ]
     for cell in cells:  # one worker per order: the same setup, and a time for every turn
         assert [len(r["ms_runs"]) for r in cell["results"]] == [2, 2]
+        assert cell["slots"] is None  # the allocator's snapshot, read on CUDA only
         assert [c["setup_s"] for c in cells if c["modes"] == cell["modes"]] == [cell["setup_s"]] * 2
     table = (tmp_path / "results.md").read_text()
     for first in ("default", "reduce-overhead"):
