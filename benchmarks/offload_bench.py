@@ -469,7 +469,8 @@ def run_cell(spec: dict, lock: GpuLock, go=None, measuring=None) -> list[dict]:
             if cuda:  # cached blocks nothing holds (the probe's, the floor's) leave first
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            calls = {mode: prepared[mode][0] for mode in modes}
+            turns = modes[::-1] if spec.get("reverse_turns") else modes
+            calls = {mode: prepared[mode][0] for mode in turns}
             times = time_calls(calls, ids, cuda, spec.get("runs", 5), spec.get("min_run_s", 0.5))
             peak = peak_reserved = None  # the models of a paired cell share the GPU
             if len(modes) == 1:
@@ -526,6 +527,7 @@ def grid(args: argparse.Namespace) -> list[dict]:
         "runs": args.runs,
         "min_run_s": args.min_run_s,
         "transformers": not args.smoke,
+        "reverse_turns": args.reverse_turns,
     }
     cells: list[dict] = [] if args.smoke else [{**base, "method": "bandwidth"}]
     if args.paired:  # one cell per configuration, its modes timed in turns in one process
@@ -584,6 +586,7 @@ def label(cell: dict) -> str:
             text += " per-param" if p["offload_per_param"] else " per-layer"
         if cell.get("paired"):  # the models of a paired cell are built in the order of modes
             text += f" paired, {cell['modes'][0]} first" if cell.get("modes") else " paired"
+            text += ", turns reversed" if cell.get("reverse_turns") else ""
         return text
     if cell["method"] == "uva":
         return f"uva {'in-place' if cell['uva']['use_unified_addressing'] else 'copies'}"
@@ -1046,6 +1049,11 @@ def main(argv: list[str] | None = None) -> int:
         "in the reverse order",
     )
     parser.add_argument(
+        "--reverse-turns",
+        action="store_true",
+        help="with --paired, time the models in turns in the reverse of their build order",
+    )
+    parser.add_argument(
         "--quiet", action="store_true", help="stop the other workers while one measures"
     )
     parser.add_argument("--no-resident", action="store_true", help="T_compute from --merge")
@@ -1056,6 +1064,8 @@ def main(argv: list[str] | None = None) -> int:
         return worker_main(json.loads(args.worker), args.lock)
     if args.out is None:
         parser.error("--out is required")
+    if args.reverse_turns and not args.paired:
+        parser.error("--reverse-turns needs --paired (it reverses the turns of a paired cell)")
     if args.both_orders and not args.paired:
         parser.error("--both-orders needs --paired (it reverses the build order of a paired cell)")
     args.out.mkdir(parents=True, exist_ok=True)
