@@ -17,7 +17,6 @@ a few power-of-two blocks (`plan_pinned_blocks`), which lose only their unfilled
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -209,34 +208,20 @@ class SlotPool:
 
     The buffers are allocated once and never reallocated: compiled graphs take them as static
     inputs and CUDA graphs bake their addresses in.
-
-    On CUDA they come from a memory pool of their own (``torch.cuda.MemPool``), so each lies in
-    a ``cudaMalloc`` segment that holds only slot buffers. From the shared pool they would be
-    carved out of whatever cached segment the process freed before: on the H100 a model
-    compiled after another got its slots inside a 2 GB segment beside 1.8 GB of weights, and
-    its copies ran beside compute 3.5% slower at 2048 tokens than those of a model whose slots
-    had fresh segments (docs/benchmarks.md, session 17).
     """
 
     def __init__(self, num_slots: int, device: torch.device) -> None:
         self.device = device
         self._buffers: list[dict[SlotKey, torch.Tensor]] = [{} for _ in range(num_slots)]
-        self.memory = torch.cuda.MemPool() if device.type == "cuda" else None
 
     def buffer(self, slot: int, key: SlotKey) -> torch.Tensor:
         """The buffer of ``slot`` for ``key``, allocated on first request."""
         buffers = self._buffers[slot]
         if key not in buffers:
-            with self._allocating():
-                buffers[key] = torch.empty_strided(
-                    key.shape, key.stride, dtype=key.dtype, device=self.device
-                )
+            buffers[key] = torch.empty_strided(
+                key.shape, key.stride, dtype=key.dtype, device=self.device
+            )
         return buffers[key]
-
-    def _allocating(self) -> contextlib.AbstractContextManager:
-        if self.memory is None:
-            return contextlib.nullcontext()
-        return torch.cuda.use_mem_pool(self.memory, device=self.device)
 
     def buffers(self) -> list[torch.Tensor]:
         """Every buffer allocated so far, slot by slot (each once, however many layers use it)."""

@@ -284,30 +284,6 @@ def test_gpu_memory_drops_to_slot_pool():
     assert drop == pytest.approx(offloaded_bytes - slot_bytes, rel=0.02)
 
 
-def test_slot_buffers_lie_in_segments_of_their_own():
-    """A block the process freed before compiling is not where the slots go: they come from
-    the slot pool's own MemPool, in segments that hold slot buffers and nothing else."""
-    torch.manual_seed(0)
-    model = LlamaShaped(layers=4, dim=1024, heads=8, kv_heads=4, hidden=2048, vocab=VOCAB).cuda()
-    freed = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
-    del freed  # cached: the shared pool would carve the slots out of it
-    compiled = torch.compile(model, backend="offload", options=prefetch_options(2, 1, 1))
-    with torch.no_grad():
-        compiled(torch.randint(0, VOCAB, (1, 32), device="cuda"))
-    pool = _BY_LAYER_LIST[model.layers].pool
-    slots = {buf.data_ptr() for buf in pool.buffers()}
-    held = [
-        seg
-        for seg in torch.cuda.memory_snapshot()
-        if any(seg["address"] <= a < seg["address"] + seg["total_size"] for a in slots)
-    ]
-    live = {b["address"] for seg in held for b in seg["blocks"] if b["state"] == "active_allocated"}
-    _record("slot_segments", {"slots": len(slots), "segments": len(held)})
-    assert pool.memory is not None and len(slots) == 9  # one slot of 9 parameters (step 1)
-    assert {tuple(seg["segment_pool_id"]) for seg in held} == {tuple(pool.memory.id)}
-    assert live == slots
-
-
 def test_place_model_never_holds_the_whole_model():
     torch.manual_seed(0)
     model = LlamaShaped(layers=8, dim=1024, heads=8, kv_heads=4, hidden=2048, vocab=VOCAB)
