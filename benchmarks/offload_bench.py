@@ -420,6 +420,7 @@ def run_cell(spec: dict, lock: GpuLock, go=None, measuring=None) -> list[dict]:
     prepared: dict[str, tuple] = {}
     runtimes: dict[str, list] = {}
     slots: dict[str, list[dict]] = {}
+    weights: dict[str, dict] = {}
     inputs = {}
     if spec["method"] != "bandwidth":
         for tokens in spec["tokens"]:
@@ -428,7 +429,12 @@ def run_cell(spec: dict, lock: GpuLock, go=None, measuring=None) -> list[dict]:
         for mode in modes:
             before = torch.cuda.memory_allocated(device) if cuda else 0
             known = len(offload_runtime._RUNTIMES)
+            if cuda and spec.get("fresh_memory"):
+                torch.cuda.empty_cache()  # what earlier models freed goes back to the driver
+            snapshot = torch.cuda.memory_snapshot() if cuda else None
             call, moved, hosts = prepare({**spec, "mode": mode}, device, dtype, lock)
+            if cuda:  # where its weights went: segments an earlier model freed, or new ones
+                weights[mode] = slot_placement.blocks_since(snapshot, torch.cuda.memory_snapshot())
             resident = torch.cuda.memory_allocated(device) - before if cuda else 0
             with torch.no_grad():
                 for tokens, ids in inputs.items():  # compiles (and CUDA graph recordings)
@@ -505,6 +511,7 @@ def run_cell(spec: dict, lock: GpuLock, go=None, measuring=None) -> list[dict]:
             "copy_floor_ms": statistics.mean(floors[mode]) if mode in floors else None,
             "setup_s": setup_s,
             "slots": slots.get(mode),
+            "weights_placement": weights.get(mode),
             "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
             "torch": torch.__version__,
             "results": results[mode],
@@ -528,6 +535,7 @@ def grid(args: argparse.Namespace) -> list[dict]:
         "min_run_s": args.min_run_s,
         "transformers": not args.smoke,
         "reverse_turns": args.reverse_turns,
+        "fresh_memory": args.fresh_memory,
     }
     cells: list[dict] = [] if args.smoke else [{**base, "method": "bandwidth"}]
     if args.paired:  # one cell per configuration, its modes timed in turns in one process
@@ -587,6 +595,7 @@ def label(cell: dict) -> str:
         if cell.get("paired"):  # the models of a paired cell are built in the order of modes
             text += f" paired, {cell['modes'][0]} first" if cell.get("modes") else " paired"
             text += ", turns reversed" if cell.get("reverse_turns") else ""
+            text += ", fresh memory" if cell.get("fresh_memory") else ""
         return text
     if cell["method"] == "uva":
         return f"uva {'in-place' if cell['uva']['use_unified_addressing'] else 'copies'}"
@@ -1052,6 +1061,12 @@ def main(argv: list[str] | None = None) -> int:
         "--reverse-turns",
         action="store_true",
         help="with --paired, time the models in turns in the reverse of their build order",
+    )
+    parser.add_argument(
+        "--fresh-memory",
+        action="store_true",
+        help="empty the CUDA caching allocator's cache before each model is placed, so that its "
+        "weights take new segments, not those an earlier model's warm-up freed",
     )
     parser.add_argument(
         "--quiet", action="store_true", help="stop the other workers while one measures"

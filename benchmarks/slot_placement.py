@@ -1,4 +1,5 @@
-"""Where an offloaded model's slot buffers landed in the CUDA caching allocator's memory.
+"""Where an offloaded model's slot buffers and weights landed in the CUDA caching allocator's
+memory.
 
 Session 16 found that a model built after another in a process can run its copies 2-10% slower
 beside compute, whatever its mode and whatever pages its pinned host copies have
@@ -7,7 +8,13 @@ their copies write into: the slot buffers. `placement` reads it from the allocat
 (``torch.cuda.memory_snapshot()``): for each slot buffer, its segment (the ``cudaMalloc`` that
 holds it), its offset there and from a 2 MiB boundary, and what else is live in that segment,
 so that slow and fast models can be set side by side (`benchmarks.profile_offload` writes it to
-``slots.json``).
+``slots.json``, `benchmarks.offload_bench` to each cell's results).
+
+Session 17 gave the slots segments of their own (a ``torch.cuda.MemPool``): every model's slots
+then lay alike, and the reduce-overhead model built after a default one was still 3.3% slower
+at 2048 tokens. What still differs is where its *weights* went: `blocks_since` tells how many
+bytes a step (placing a model) put into segments that existed before it, freed by an earlier
+model's warm-up, and how many into fresh ones.
 """
 
 from __future__ import annotations
@@ -66,3 +73,30 @@ def placement(tensors: Iterable[torch.Tensor], segments: Sequence[dict]) -> dict
 def runtime_placement(runtime) -> dict:
     """`placement` of an `OffloadRuntime`'s slot buffers in the allocator's current snapshot."""
     return placement(runtime.pool.buffers(), torch.cuda.memory_snapshot())
+
+
+def _active(segments: Sequence[dict]) -> dict[int, tuple[int, int]]:
+    """Active block address -> (its size, its segment's address)."""
+    return {
+        b["address"]: (b["size"], s["address"])
+        for s in segments
+        for b in s.get("blocks", [])
+        if b["state"] == "active_allocated"
+    }
+
+
+def blocks_since(before: Sequence[dict], after: Sequence[dict]) -> dict:
+    """The blocks live in snapshot ``after`` and not in ``before``: their bytes in segments that
+    ``before`` already had (memory the process freed earlier, reused) and in new segments."""
+    old_segments = {s["address"] for s in before}
+    was_active = _active(before)
+    new = [
+        (size, segment)
+        for address, (size, segment) in _active(after).items()
+        if address not in was_active
+    ]
+    return {
+        "blocks": len(new),
+        "recycled_bytes": sum(size for size, segment in new if segment in old_segments),
+        "fresh_bytes": sum(size for size, segment in new if segment not in old_segments),
+    }

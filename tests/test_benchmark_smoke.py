@@ -48,10 +48,12 @@ def test_smoke_benchmark_writes_its_three_outputs(tmp_path):
 
 def test_paired_cells_time_their_modes_in_turns_in_one_process(tmp_path):
     """--quiet stops the other workers while one measures (SIGSTOP), which must not hang;
-    --both-orders runs the paired cell a second time, its models built in reverse order."""
+    --both-orders runs the paired cell a second time, its models built in reverse order;
+    --reverse-turns and --fresh-memory are named in the rows they change."""
     command = [sys.executable, "-m", "benchmarks.offload_bench", "--smoke", "--paired", "--quiet"]
     command += ["--modes", "default,reduce-overhead", "--configs", "2/1/1", "--hook-configs", ""]
     command += ["--uva", "", "--no-resident", "--both-orders", "--out", str(tmp_path)]
+    command += ["--reverse-turns", "--fresh-memory"]
     out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     cells = json.loads((tmp_path / "results.json").read_text())
@@ -64,11 +66,13 @@ def test_paired_cells_time_their_modes_in_turns_in_one_process(tmp_path):
     ]
     for cell in cells:  # one worker per order: the same setup, and a time for every turn
         assert [len(r["ms_runs"]) for r in cell["results"]] == [2, 2]
-        assert cell["slots"] is None  # the allocator's snapshot, read on CUDA only
+        assert cell["slots"] is None and cell["weights_placement"] is None  # read on CUDA only
+        assert cell["reverse_turns"] and cell["fresh_memory"]
         assert [c["setup_s"] for c in cells if c["modes"] == cell["modes"]] == [cell["setup_s"]] * 2
     table = (tmp_path / "results.md").read_text()
     for first in ("default", "reduce-overhead"):
-        assert f"| offload 2/1 step 1 paired, {first} first | reduce-overhead vs default |" in table
+        row = f"| offload 2/1 step 1 paired, {first} first, turns reversed, fresh memory |"
+        assert f"{row} reduce-overhead vs default |" in table
     assert "| offload 2/1 step 1 paired | reduce-overhead vs default, mean of 2 build orders |" in (
         table
     )
@@ -406,6 +410,27 @@ def test_copies_beside_groups_copies_by_the_kernels_that_ran_with_them():
         "resident": {"copies": 1, "median_GBps": 50.0},
         "spin": {"copies": 1, "median_GBps": 55.0},
     }
+
+
+def test_blocks_since_splits_new_blocks_into_reused_and_new_segments():
+    """A block placed in a segment the first snapshot had counts as recycled, one in a segment
+    it lacked as fresh; blocks live in both snapshots, and freed ones, count as neither."""
+    from benchmarks.slot_placement import blocks_since
+
+    def segment(address: int, *blocks: tuple[int, int, str]) -> dict:
+        return {
+            "address": address,
+            "total_size": 1 << 20,
+            "blocks": [{"address": a, "size": n, "state": state} for a, n, state in blocks],
+        }
+
+    live, free = "active_allocated", "inactive"
+    before = [segment(0, (0, 100, live), (100, 900, free))]
+    after = [
+        segment(0, (0, 100, live), (100, 300, live), (400, 600, free)),
+        segment(1 << 20, ((1 << 20), 5000, live), ((1 << 20) + 5000, 7, free)),
+    ]
+    assert blocks_since(before, after) == {"blocks": 2, "recycled_bytes": 300, "fresh_bytes": 5000}
 
 
 def test_slot_placement_finds_each_buffers_segment_and_neighbours():
