@@ -723,11 +723,41 @@ def markdown(cells: list[dict], command: str) -> str:
             f"{cell['resident_bytes_after_setup'] / 1e9:.2f} | {last['peak_bytes'] / 1e9:.2f} | "
             + (f"{reserved / 1e9:.2f} |" if reserved is not None else "|")
         )
+    lines += _placement_rows(timed)
     failed = [c for c in cells if c.get("error")]
     if failed:
         lines += ["", "Cells that failed:", ""]
         lines += [f"- {label(c)} ({c.get('mode')}): {c['error']}" for c in failed]
     return "\n".join(lines) + "\n"
+
+
+def _placement_rows(timed: list[dict]) -> list[str]:
+    """Where each CUDA model's memory went (session 17's suspect for a model built after
+    another running slower): its weights, into segments an earlier model freed or into new
+    ones, and its slot buffers, alone in their segments or beside other blocks."""
+    placed = [c for c in timed if c.get("weights_placement") or c.get("slots")]
+    if not placed:
+        return []
+    lines = [
+        "",
+        "Where each model's memory went, as its timing started: MB of blocks its placement "
+        "put into segments the process had before (freed by an earlier model) and into new "
+        "ones; its slot buffers, and how many have a segment to themselves:",
+        "",
+        "| method | mode | weights into reused segments | into new segments | slot buffers | "
+        "alone |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for cell in placed:
+        weights = cell.get("weights_placement") or {}
+        slots = [p for p in cell.get("slots") or [] if "error" not in p]
+        row = [label(cell), str(cell.get("mode"))]
+        for key in ("recycled_bytes", "fresh_bytes"):
+            row.append(f"{weights[key] / 1e6:.0f}" if key in weights else "")
+        for key in ("buffers", "alone_in_segment"):
+            row.append(str(sum(p[key] for p in slots)) if slots else "")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
 
 
 def run_spread(result: dict) -> float:

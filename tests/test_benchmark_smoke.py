@@ -108,6 +108,27 @@ def test_the_mean_of_both_build_orders_cancels_what_the_order_adds():
     assert mean.endswith("| (-0.9%) |")
 
 
+def test_the_table_tells_where_each_models_memory_went():
+    """A model placed into reused segments and one placed into new ones get their own rows,
+    with the slot buffers of all their runtimes summed; a model with no record gets none."""
+    prefetch = {"offload_group_size": 2, "offload_num_in_group": 1, "offload_prefetch_step": 1}
+    slots = [{"buffers": 9, "alone_in_segment": 5}, {"buffers": 2, "alone_in_segment": 0}]
+    common = {"prefetch": prefetch, "paired": True, "copied_bytes_per_forward": 0}
+    common["modes"] = ["default", "reduce-overhead"]
+    placed = {"recycled_bytes": 0, "fresh_bytes": 1_750_000_000}
+    first = _cell("offload", [1.0], weights_placement=placed, slots=slots, **common)
+    placed = {"recycled_bytes": 1_740_000_000, "fresh_bytes": 10_000_000}
+    second = _cell("offload", [1.0], mode="reduce-overhead", weights_placement=placed, **common)
+    unrecorded = _cell("resident", [1.0], copied_bytes_per_forward=0)
+    rows = markdown(analyse([first, second, unrecorded]), "cmd").splitlines()
+    start = next(i for i, r in enumerate(rows) if r.startswith("| method | mode | weights into"))
+    assert rows[start + 2 : start + 4] == [
+        "| offload 2/1 step 1 paired, default first | default | 0 | 1750 | 11 | 5 |",
+        "| offload 2/1 step 1 paired, default first | reduce-overhead | 1740 | 10 |  |  |",
+    ]
+    assert len(rows) == start + 4 or not rows[start + 4].startswith("| resident")
+
+
 def _cell(method: str, ms: list[float], **extra) -> dict:
     """A cell as a worker reports it (one token count), with runs ``ms``."""
     result = {"tokens": 1, "ms": sorted(ms)[len(ms) // 2], "ms_runs": ms, "peak_bytes": 0}
