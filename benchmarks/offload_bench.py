@@ -740,9 +740,10 @@ def _placement_rows(timed: list[dict]) -> list[str]:
         return []
     lines = [
         "",
-        "Where each model's memory went, as its timing started: MB of blocks its placement "
+        "Where each model's memory went: MB of blocks its placement (before its warm-up) "
         "put into segments the process had before (freed by an earlier model) and into new "
-        "ones; its slot buffers, and how many have a segment to themselves:",
+        "ones; its slot buffers as its timing started, and how many have a segment to "
+        "themselves:",
         "",
         "| method | mode | weights into reused segments | into new segments | slot buffers | "
         "alone |",
