@@ -443,12 +443,12 @@ def run_cell(spec: dict, lock: GpuLock, go=None, measuring=None) -> list[dict]:
                     if cuda:
                         torch.cuda.synchronize()
                     _progress(setup, f"{mode}: {tokens} tokens compiled and warmed up")
+            runtimes[mode] = offload_runtime._RUNTIMES[known:]
             if mode_flags(mode) & {"hugepages", "repinned"}:
-                for runtime in offload_runtime._RUNTIMES[known:]:
+                for runtime in runtimes[mode]:
                     hosts = pinned_pages.rehome_as_flagged(runtime, mode_flags(mode))
                 _progress(setup, f"{mode}: host copies {pinned_pages.huge_page_share(hosts)}")
             prepared[mode] = (call, moved, resident, hosts)
-            runtimes[mode] = offload_runtime._RUNTIMES[known:]
         if cuda:
             torch.cuda.synchronize()
             # Where each model's slot buffers lie as the timing starts, to set beside its times:

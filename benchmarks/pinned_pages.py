@@ -114,10 +114,15 @@ def restore_slots(runtime) -> None:
     torch.cuda.synchronize(runtime.device)
 
 
+def host_tensors(runtime) -> list[torch.Tensor]:
+    """An `OffloadRuntime`'s host copies, layer by layer: what its prefetches copy from."""
+    return [t for host in runtime._host for t in host.values()]
+
+
 def load_test(runtime, device: torch.device) -> dict[str, dict[str, float]]:
     """`contended_copy_ms` of an `OffloadRuntime`'s host copies into a scratch buffer and into
     its own slot buffers (whose contents are put back after)."""
-    hosts = [t for host in runtime._host for t in host.values()]
+    hosts = host_tensors(runtime)
     scratch = torch.empty(max(t.nbytes for t in hosts), dtype=torch.uint8, device=device)
     into_scratch = [(scratch[: t.nbytes].view(t.dtype).view(t.shape), t) for t in hosts]
     into_slots = [

@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     pages = {"transparent_huge_pages": pinned_pages.transparent_huge_pages()}
     for mode, runtime in runtimes.items():
         pinned_pages.rehome_as_flagged(runtime, mode_flags(mode))
-        hosts = [t for host in runtime._host for t in host.values()]
+        hosts = pinned_pages.host_tensors(runtime)
         models[mode] = (*models[mode][:2], hosts)
         pages[mode] = {"host_pages": pinned_pages.huge_page_share(hosts)}
         if args.pages:
