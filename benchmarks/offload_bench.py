@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -815,7 +816,36 @@ def _paired_table(timed: list[dict]) -> list[str]:
             means = [statistics.mean(m) for m in zip(*per_order, strict=True)]
             row = [f"{name} paired", f"{other} vs {base}, mean of {len(per_order)} build orders"]
             lines.append("| " + " | ".join(row + [f"({m:+.1%})" for m in means]) + " |")
-    return lines
+    return lines + _first_built_rows(pairs.values())
+
+
+def _first_built_rows(pairs: Iterable[list[dict]]) -> list[str]:
+    """Where a configuration ran in both build orders: each mode as the first model of its
+    process (what a process serving one model sees, and how unpaired cells run), its ratio to
+    its own bound against the first mode's. Across two processes, so not paired by turn, but
+    free of the penalty a model built second can pay (docs/benchmarks.md, sessions 16-18)."""
+    first: dict[str, dict[str, dict]] = {}  # (run, method, prefetch) -> mode -> its cell
+    for cells in pairs:
+        for cell in cells:
+            if cell.get("modes") and cell["mode"] == cell["modes"][0]:  # built first
+                key = json.dumps([cell.get("run"), cell["method"], cell.get("prefetch")])
+                first.setdefault(key, {})[cell["mode"]] = cell
+    rows = []
+    for by_mode in first.values():
+        (base_name, base), *others = by_mode.items()
+        for other_name, other in others:
+            row = [
+                f"{label({'method': base['method'], 'prefetch': base['prefetch']})} paired",
+                f"{other_name} vs {base_name}, each built first (ratio to its bound)",
+            ]
+            for b, o in zip(base["results"], other["results"], strict=True):
+                if b.get("ratio") and o.get("ratio"):
+                    ratios = f"{o['ratio']:.3f} vs {b['ratio']:.3f}"
+                    row.append(f"{ratios} ({o['ratio'] / b['ratio'] - 1:+.1%})")
+                else:
+                    row.append("")
+            rows.append("| " + " | ".join(row) + " |")
+    return rows
 
 
 def _mean_turns(models: list[dict], result: int) -> list[float]:
@@ -1064,7 +1094,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run (CI)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--lock", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--merge", type=Path, nargs="+", help="join these runs' results.json")
+    parser.add_argument("--merge", type=Path, nargs="+", help="join the runs in these directories")
     parser.add_argument("--layers", type=int)
     parser.add_argument("--tokens", type=_ints)
     parser.add_argument("--runs", type=int, default=5, help="timed runs per token count")

@@ -108,6 +108,27 @@ def test_the_mean_of_both_build_orders_cancels_what_the_order_adds():
     assert mean.endswith("| (-0.9%) |")
 
 
+def test_each_mode_built_first_is_compared_by_its_ratio_to_its_own_bound():
+    """Where both build orders ran, each mode is taken from the process that built it first and
+    compared by its ratio to its own bound (floors differ between processes): here reduce-
+    overhead built first is 2% over its floor of 50 ms, default built first 1% over 100 ms."""
+    prefetch = {"offload_group_size": 2, "offload_num_in_group": 1, "offload_prefetch_step": 1}
+    runs = {  # (build order, mode) -> (runs, copy floor); the model built second is slower
+        ("default", "reduce-overhead"): {"default": (101.0, 100.0), "reduce-overhead": (60, 50)},
+        ("reduce-overhead", "default"): {"default": (110.0, 100.0), "reduce-overhead": (51, 50)},
+    }
+    cells = []
+    for order, times in runs.items():
+        for mode, (ms, floor) in times.items():
+            cell = _cell("offload", [ms, ms], mode=mode, modes=list(order), prefetch=prefetch)
+            cells.append({**cell, "paired": True, "copied_bytes_per_forward": 1})
+            cells[-1]["copy_floor_ms"] = floor
+    rows = markdown(analyse(cells), "cmd").splitlines()
+    (first,) = [r for r in rows if "each built first" in r]
+    assert first.endswith("| 1.020 vs 1.010 (+1.0%) |")
+    assert "| reduce-overhead vs default, each built first (ratio to its bound) |" in first
+
+
 def test_the_table_tells_where_each_models_memory_went():
     """A model placed into reused segments and one placed into new ones get their own rows,
     with the slot buffers of all their runtimes summed; a model with no record gets none."""
