@@ -121,8 +121,9 @@ def test_each_mode_built_first_is_compared_by_its_ratio_to_its_own_bound():
     for order, times in runs.items():
         for mode, (ms, floor) in times.items():
             cell = _cell("offload", [ms, ms], mode=mode, modes=list(order), prefetch=prefetch)
-            cells.append({**cell, "paired": True, "copied_bytes_per_forward": 1})
-            cells[-1]["copy_floor_ms"] = floor
+            cells.append(
+                {**cell, "paired": True, "copied_bytes_per_forward": 1, "copy_floor_ms": floor}
+            )
     rows = markdown(analyse(cells), "cmd").splitlines()
     (first,) = [r for r in rows if "each built first" in r]
     assert first.endswith("| 1.020 vs 1.010 (+1.0%) |")
