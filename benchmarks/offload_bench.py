@@ -823,8 +823,8 @@ def _first_built_rows(pairs: Iterable[list[dict]]) -> list[str]:
     """Where a configuration ran in both build orders: each mode as the first model of its
     process (what a process serving one model sees, and how unpaired cells run), its ratio to
     its own bound against the base mode's (the mode the rows above compare with). Across two
-    processes, so not paired by turn, but
-    free of the penalty a model built second can pay (docs/benchmarks.md, sessions 16-18)."""
+    processes, so not paired by turn, but free of the penalty a model built second can pay
+    (docs/benchmarks.md, sessions 16-18)."""
     first: dict[str, dict[str, dict]] = {}  # (run, method, prefetch) -> mode -> its cell
     for cells in pairs:
         for cell in cells:

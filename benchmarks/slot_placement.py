@@ -12,9 +12,11 @@ so that slow and fast models can be set side by side (`benchmarks.profile_offloa
 
 Session 17 gave the slots segments of their own (a ``torch.cuda.MemPool``): every model's slots
 then lay alike, and the reduce-overhead model built after a default one was still 3.3% slower
-at 2048 tokens. What still differs is where its *weights* went: `blocks_since` tells how many
-bytes a step (placing a model) put into segments that existed before it, freed by an earlier
-model's warm-up, and how many into fresh ones.
+at 2048 tokens. `blocks_since` tells how many bytes a step (placing a model) put into segments
+that existed before it, freed by an earlier model's warm-up, and how many into fresh ones.
+Session 18 used it to rule out the weights as well: with every model's weights in fresh
+segments (`offload_bench --fresh-memory`), that model stayed as slow, and a default model whose
+weights went into reused segments was not slow.
 """
 
 from __future__ import annotations
