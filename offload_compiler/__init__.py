@@ -10,14 +10,18 @@ from torch._dynamo.backends import registry as _registry
 from . import ops  # noqa: F401  (registers the custom ops before any compiled graph runs)
 from .backend import offload_backend
 from .config import OffloadConfig, PrefetchOffloadConfig, UVAOffloadConfig
-from .placement import place_model
+from .placement import place_model, reload_weights
+from .runtime import OffloadedStack, offloaded_stacks
 
 __all__ = [
     "OffloadConfig",
+    "OffloadedStack",
     "PrefetchOffloadConfig",
     "UVAOffloadConfig",
     "offload_backend",
+    "offloaded_stacks",
     "place_model",
+    "reload_weights",
 ]
 
 

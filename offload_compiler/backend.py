@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
@@ -43,6 +44,11 @@ log = logging.getLogger(__name__)
 # ahead of the wait for its weights.
 _ORDER_PRESERVING = {"reorder_for_locality": False, "reorder_for_peak_memory": False}
 
+_REPLAYS_SEE_NO_CHANGES = (
+    "offload: replays of a CUDA graph captured by hand run no Python, so they do not notice "
+    "changed weights: after changing offloaded weights, call "
+    "offload_compiler.reload_weights(model) before the next replay"
+)
 _INFERENCE_ONLY = (
     "the offload backend compiles inference only: call the compiled model under "
     "torch.no_grad() or torch.inference_mode()"
@@ -91,18 +97,20 @@ def offload_backend(
         # never a replay followed by another piece's recording (which synchronizes the device
         # before the replay's copies are issued)
         patches["graph_partition"] = False
-    return compile_rewrite(result, example_inputs, patches, counted)
+    return compile_rewrite(result, example_inputs, patches, runtimes, counted)
 
 
 def compile_rewrite(
     result: Rewrite,
     example_inputs: list[torch.Tensor],
     patches: Mapping[str, Any],
+    runtimes: Sequence[OffloadRuntime] = (),
     counted: Sequence[OffloadRuntime] = (),
 ) -> Callable[..., Any]:
     """Inductor-compile a rewritten graph; the callable takes Dynamo's inputs.
 
     It appends the slot buffers to the inputs and drops the token outputs from the results.
+    Before each call every runtime in ``runtimes`` takes weights changed since the last call.
     Under CUDA graphs, the inputs cudagraph trees would copy are staged so that the graphs
     launch on a stream of their own (`staging`), and each call runs inside the ``calling``
     of every runtime in ``counted`` (host copies: `counters`).
@@ -121,6 +129,8 @@ def compile_rewrite(
     )
     slots, extra = result.slots, result.extra_outputs
     programs = [(runtime, GraphProgram()) for runtime in counted]
+    # a CUDA graph captured outside Inductor is replayed without `run`: no refresh can run
+    captured_by_hand = not cudagraphs and any(r.device.type == "cuda" for r in runtimes)
 
     def call(args: tuple[Any, ...]) -> Any:
         if staging is None:
@@ -128,6 +138,10 @@ def compile_rewrite(
         return staging.call(compiled, [*args, *slots])
 
     def run(*args: Any) -> Any:
+        for runtime in runtimes:
+            runtime.refresh()
+        if captured_by_hand and torch.cuda.is_current_stream_capturing():
+            warnings.warn(_REPLAYS_SEE_NO_CHANGES, stacklevel=2)
         if programs:
             with contextlib.ExitStack() as calls:
                 for runtime, program in programs:

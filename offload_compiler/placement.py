@@ -61,3 +61,25 @@ def place_model(
         for name, buffer in module.named_buffers(recurse=False):
             module._buffers[name] = buffer.to(device)
     return model
+
+
+def reload_weights(model: nn.Module) -> None:
+    """Make the next call of ``model``'s compiled graphs use its offloaded weights as they are
+    now, however they were written.
+
+    Changes through a parameter, its ``.data`` or ``load_state_dict`` are found without it
+    (each call checks the parameters' version counters). Call it after writes no version
+    counter sees: through the storage itself (``untyped_storage()``, a NumPy or DLPack alias),
+    through ``.data`` of a parameter of an ``nn.Parameter`` subclass, or before replaying a
+    CUDA graph captured by hand (``prefetch.offload_capturable``), whose replays run no Python.
+    """
+    from .runtime import runtimes_of
+
+    runtimes = runtimes_of(model)
+    if not runtimes:
+        raise ValueError(
+            f"{type(model).__name__} has no offloaded layers in this process: compile it with "
+            "backend='offload' (or place it with place_model) first"
+        )
+    for runtime in runtimes:
+        runtime.reload()

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 # Parameter -> its host copy. Weak, so a model that is dropped frees its pinned memory; shared by
@@ -170,6 +171,34 @@ def pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
     return host
 
 
+class OffloadedParameter(nn.Parameter):
+    """An offloaded ``nn.Parameter`` whose every change shows in its version counter.
+
+    The compiled graph reads slot buffers filled ahead of use, some of them at the end of the
+    previous call, so it must know when the host copy changed (`OffloadRuntime.refresh`). In
+    place changes through the parameter (``param.copy_``, ``load_state_dict``) bump
+    ``param._version``; a plain ``param.data`` is a tensor with a counter of its own, so here
+    ``.data`` is ``detach()`` (which shares the counter: ``param.data.copy_(w)`` and
+    ``param.data += delta`` count) and assigning ``.data`` bumps the counter too.
+    """
+
+    @property
+    def data(self) -> torch.Tensor:
+        return self.detach()
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        torch._C.TensorBase.data.__set__(self, value)
+        torch.autograd.graph.increment_version(self)
+
+
+def mark_offloaded(param: torch.Tensor) -> None:
+    """Make ``param`` an `OffloadedParameter` (a parameter of another subclass keeps its class:
+    its changes through ``.data`` are then seen only by `offload_compiler.reload_weights`)."""
+    if type(param) is nn.Parameter:
+        param.__class__ = OffloadedParameter
+
+
 def host_copy(param: torch.Tensor) -> torch.Tensor | None:
     """The host copy of an offloaded parameter, None if it is not offloaded."""
     return _HOST_COPIES.get(param)
@@ -194,13 +223,37 @@ def offload_parameters(params: Sequence[torch.Tensor], device: torch.device) -> 
     arena = PinnedArena([p.data for p in new]) if device.type == "cuda" and new else None
     for index, param in enumerate(new):
         if arena is None:
-            host = param.data
+            host = param.detach()
         else:
             host = arena.empty(index)
-            host.copy_(param.data)
+            host.copy_(param.detach())
             param.data = cuda_view_of_pinned(host, device)
         _HOST_COPIES[param] = host
+        mark_offloaded(param)
     return [_HOST_COPIES[p] for p in params]
+
+
+def adopt_values(param: torch.Tensor, host: torch.Tensor, name: str, device: torch.device) -> None:
+    """Make ``host`` the offloaded storage of ``param`` again after ``param`` was given other
+    storage (``param.data = new``, or a new Parameter from ``load_state_dict(assign=True)``):
+    its values are copied into ``host`` (whose address compiled graphs keep) and ``param``
+    reads ``host`` again, through a device view where ``host`` is pinned."""
+    if host.data_ptr() == param.data_ptr():
+        _HOST_COPIES[param] = host
+        mark_offloaded(param)
+        return
+    value = param.detach()
+    if (value.shape, value.stride(), value.dtype) != (host.shape, host.stride(), host.dtype):
+        raise ValueError(
+            f"offloaded parameter {name} was replaced by a tensor of shape "
+            f"{tuple(value.shape)}, strides {value.stride()} and {value.dtype}; its host copy "
+            f"is {tuple(host.shape)}, {host.stride()}, {host.dtype}. Change offloaded weights "
+            "in place (param.copy_, load_state_dict) or with the same layout."
+        )
+    host.copy_(value)  # synchronous: the values are in place when it returns
+    param.data = cuda_view_of_pinned(host, device) if device.type == "cuda" else host
+    _HOST_COPIES[param] = host
+    mark_offloaded(param)
 
 
 class SlotPool:

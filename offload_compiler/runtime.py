@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
@@ -36,7 +37,7 @@ from torch import nn
 
 from .counters import CudaCounters, GraphProgram, SlotCounters, counters_available
 from .planning import OffloadedLayer, OffloadPlan
-from .pool import SlotKey, SlotPool, offload_parameters
+from .pool import SlotKey, SlotPool, adopt_values, offload_parameters
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,35 @@ def runtime_for(
             f"{plan.layers_path} is already offloaded with another configuration or device "
             f"({runtime.device}); one model can be offloaded one way per process"
         )
+    else:
+        runtime.bind(layers)
     return runtime
+
+
+@dataclass(frozen=True)
+class OffloadedStack:
+    """What the prefetch backend offloaded of one ModuleList of a model."""
+
+    layers_path: str
+    layers: tuple[int, ...]
+    """Indices of the offloaded layers, in copy order."""
+    host_tensors: tuple[torch.Tensor, ...] = field(repr=False)
+    """The offloaded parameters' host copies (pinned on CUDA), in copy order."""
+    host_bytes: int
+    slot_bytes: int
+    """GPU memory of the slot buffers the offloaded layers share."""
+
+
+def offloaded_stacks(model: nn.Module) -> list[OffloadedStack]:
+    """The ModuleLists of ``model`` the prefetch backend offloads in this process (known once
+    the compiled model was first called: the compile allocates the slots)."""
+    return [runtime.stack() for runtime in runtimes_of(model)]
+
+
+def runtimes_of(model: nn.Module) -> list[OffloadRuntime]:
+    """The runtimes of ``model``'s offloaded ModuleLists."""
+    found = (_BY_LAYER_LIST.get(m) for m in model.modules() if isinstance(m, nn.ModuleList))
+    return [runtime for runtime in found if runtime is not None]
 
 
 class OffloadRuntime:
@@ -113,7 +142,8 @@ class OffloadRuntime:
         self._host: list[dict[str, torch.Tensor]] = []
         self._slots: list[dict[str, torch.Tensor]] = []
         # packed into shared pinned blocks
-        hosts = iter(offload_parameters(plan.parameters(layers), device))
+        self._params = plan.parameters(layers)
+        hosts = iter(offload_parameters(self._params, device))
         for layer in plan.layers:
             host = {name: next(hosts) for name in layer.params}
             self._host.append(host)
@@ -153,9 +183,65 @@ class OffloadRuntime:
             with torch.cuda.device(device):  # created ahead: none may be created in a capture
                 self._ready = {unit: torch.cuda.Event() for unit in units}
                 self._done = {unit: torch.cuda.Event() for unit in units}
+        self._versions = self._param_versions()
         for layer in plan.layers[: plan.num_slots]:  # the first forward finds its slots filled
             self._start(layer, None)
         self.join()
+
+    def stack(self) -> OffloadedStack:
+        """This runtime as the public `OffloadedStack`."""
+        return OffloadedStack(
+            self.plan.layers_path,
+            tuple(layer.index for layer in self.plan.layers),
+            tuple(t for host in self._host for t in host.values()),
+            self.host_bytes,
+            self.pool.nbytes,
+        )
+
+    def refresh(self) -> None:
+        """Called before each call of a compiled graph: if an offloaded parameter changed since
+        the last call (in place, or given other storage), take its new values and copy again
+        what the slots hold. The slots of the first offloaded layers are filled ahead, at the
+        end of the previous call, from what the host copies held then."""
+        if self._param_versions() != self._versions:
+            self.reload()
+
+    def bind(self, layers: nn.ModuleList) -> None:
+        """Called at each compile: take the Parameters ``layers`` hold now (a new compile
+        follows ``load_state_dict(assign=True)``, which makes new ones) as the offloaded ones."""
+        params = self.plan.parameters(layers)
+        if any(new is not old for new, old in zip(params, self._params, strict=True)):
+            self._params = params
+            self.reload()
+
+    def reload(self) -> None:
+        """Re-read every offloaded parameter: values given in other storage go into the host
+        copies, and every slot's contents are copied again. `refresh` calls it when a version
+        counter moved; `offload_compiler.reload_weights` for writes no counter sees."""
+        hosts = (
+            self._host[layer.position][name] for layer in self.plan.layers for name in layer.params
+        )
+        names = (
+            f"{self.plan.layers_path}.{layer.index}.{name}"
+            for layer in self.plan.layers
+            for name in layer.params
+        )
+        for param, host, name in zip(self._params, hosts, names, strict=True):
+            adopt_values(param, host, name, self.device)
+        self._versions = self._param_versions()
+        log.info("offload: %s: weights changed; slots filled again", self.plan.layers_path)
+        if self._counters is not None:
+            for e, position in enumerate(self._counters.pending):
+                if position is not None:
+                    self._counters.start(position, [e])
+            return
+        for (_, name), position in self._slot_owner.items():
+            self._start(self.plan.layers[position], name)
+        if self._cuda:
+            self.join()  # a CUDA graph replayed next waits on its own copies only
+
+    def _param_versions(self) -> list[int]:
+        return [param._version for param in self._params]
 
     @property
     def host_copies(self) -> bool:
