@@ -16,8 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from offload_compiler.config import PrefetchOffloadConfig
-from offload_compiler.pool import pinned_copy
+from offload_compiler import PrefetchOffloadConfig
 
 _OFFLOADERS: list[HookPrefetchOffloader] = []
 
@@ -35,6 +34,15 @@ def _start(hidden: torch.Tensor, offloader: int, position: int) -> None:
 @torch.library.custom_op("bench_hook::join", mutates_args=("hidden",))
 def _join(hidden: torch.Tensor, offloader: int) -> None:
     _OFFLOADERS[offloader].join()
+
+
+def pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A pinned host tensor with ``tensor``'s values, shape and strides."""
+    host = torch.empty_strided(
+        tensor.shape, tensor.stride(), dtype=tensor.dtype, device="cpu", pin_memory=True
+    )
+    host.copy_(tensor.detach())
+    return host
 
 
 class HookPrefetchOffloader:
@@ -63,7 +71,9 @@ class HookPrefetchOffloader:
                 param.data = buffers[name]  # the layer now reads its slot
             self.hosts.append(host)
             layers[index].forward = self._wrap(layers[index].forward, position)
-        self.offloaded_bytes = sum(t.nbytes for host in self.hosts for t in host.values())
+        self.host_tensors = [t for host in self.hosts for t in host.values()]
+        """The offloaded parameters' host copies, in copy order."""
+        self.offloaded_bytes = sum(t.nbytes for t in self.host_tensors)
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.stream = torch.cuda.Stream(device)

@@ -3,49 +3,25 @@
     python -m benchmarks.profile_offload --out DIR --layers 8 --tokens 1,2048 \
         --config 1/1/1:pp --modes default,reduce-overhead
 
-It builds one model per mode (the benchmark's Llama-shaped model, offloaded and compiled exactly
-as `benchmarks.offload_bench` does) and keeps them all, as a paired benchmark cell does. For each
-token count it times the modes in turns (median of back-to-back calls), measures each model's
-copy floor (its own copies back to back, nothing else running), then records ``--calls`` calls
-of each mode under the PyTorch profiler (CUDA activities: kernels and memcpys, also those
-replayed from a CUDA graph) and writes ``<mode>-<tokens>.json`` with:
+A benchmark cell says how far a step is from its bound, not why. This builds the benchmark's
+Llama-shaped model once per mode, offloaded and compiled as `benchmarks.offload_bench` does, and
+keeps them all in one process. For each token count it times the modes in turns, measures each
+model's copy floor (its own copies back to back, nothing else running), then records ``--calls``
+calls of each mode under the PyTorch profiler (kernels and copies, those replayed from a CUDA
+graph included) and writes ``<mode>-<tokens>.json``:
 
-- ``copy_busy_ms``: time the host-to-device copies were running, per call;
-- ``copy_idle``: the gaps between consecutive copies, largest first, each with the compute
-  kernels that ran inside it (what the next copy was waiting for);
-- ``compute_busy_ms`` and the largest gaps on the compute streams (what compute waited for);
-- the memsets (count and time per call: cuBLAS may need some for split-K kernels) and the
-  kernels run most often, by name;
-- the effective bandwidth of the copies (bytes / time each copy ran), and that of the floor;
-- ``returned_ms_per_call`` and ``done_ms_per_call``: one more run of back-to-back calls, per
-  call until the last returned to Python and until the device finished (`return_ms`: near
-  each other only if the host waits for the device);
-- ``restores``: how many times the host-copy state was brought back to where a CUDA graph's
-  program starts (`SlotCounters._prepare`, each a release on the caller's stream and a copy
-  issued before the call), in the timed runs and in the profiled calls;
-- with ``--cpu``, ``host``: the host side of the profiled calls (`host_side`): for each copy,
-  how long after the host issued it the device started it, the copies the device started at
-  once (the copy engine had waited for the host), and the CUDA runtime calls by total time
-  (a synchronizing call there means the host waited for the device);
-- with ``--pin-cores N``, ``ms_pinned_runs``: the timed runs again with the process on N cores
-  (as `benchmarks.offload_bench` measures, on two);
+- ``copy_busy_ms_per_call`` and the effective bandwidth of the copies while they ran, beside the
+  floor's: copies slower than the floor compete with compute for memory or for the host;
+- ``copy_idle_largest``: the gaps between consecutive copies, each with the compute kernels that
+  ran inside it (what the next copy waited for);
+- ``compute_busy_ms_per_call`` and ``compute_idle_largest`` (what compute waited for);
+- memsets (cuBLAS may need some for split-K kernels) and the kernels run most often;
+- with ``--cpu``, ``host`` (`host_side`): how long after the host issued each copy or launch the
+  device started it (near zero: the device waited for the host), and the CUDA runtime calls by
+  total time (a synchronizing call there means the host waited for the device);
 
-and a Chrome trace ``<mode>-<tokens>.trace.json.gz`` to look at.
-
-A mode may carry flags and a suffix, as in `benchmarks.offload_bench` (``MODE_FLAGS``):
-``reduce-overhead.2`` is a second model in the same mode (its own CUDA graph recordings),
-``default+rejoin`` runs default mode with the schedule the backend gives graphs that run as
-CUDA graphs (``prefetch.offload_capturable``: copies joined at the end, next-call copies at the
-top), which tells what the schedule costs from what the CUDA graph costs; ``+static`` compiles
-every token count as a graph of static shape, ``+captured`` keeps the copies in the CUDA graphs,
-``+hugepages`` and ``+repinned`` move the model's host copies after warm-up into huge-page or
-fresh driver-pinned memory (`benchmarks.pinned_pages`).
-``inductor_counters.json`` holds Inductor's counters after the compiles (CUDA-graph skips),
-``streams.json`` the pool streams the models took, in order (`StreamLog`), ``pages.json`` how
-each model's host copies are paged and, with ``--pages``, its copies timed alone and under a
-weight-streaming load (`pinned_pages.load_test`, run before any timing), ``slots.json`` where
-each model's slot buffers lie in the caching allocator's segments (`slot_placement`).
-``benchmarks.compare_profiles`` sets several runs side by side.
+and a Chrome trace ``<mode>-<tokens>.trace.json.gz`` (chrome://tracing, Perfetto).
+``inductor_counters.json`` holds Inductor's counters after the compiles (CUDA-graph skips).
 """
 
 from __future__ import annotations
@@ -53,35 +29,25 @@ from __future__ import annotations
 import argparse
 import functools
 import gzip
-import inspect
 import itertools
 import json
-import logging
 import math
-import os
 import statistics
-import tempfile
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-import offload_compiler.runtime as offload_runtime
-from benchmarks import pinned_pages, slot_placement
 from benchmarks.offload_bench import (
     LLAMA_8B,
-    GpuLock,
-    _configs,
-    _ints,
-    _modes,
-    copy_floor_ms,
-    make_room_for_graphs,
-    mode_flags,
+    MODES,
+    parse_configs,
+    parse_ints,
+    parse_modes,
     prepare,
-    time_calls,
 )
+from benchmarks.timing import copy_floor_ms, time_calls
 
 
 def _spans(events) -> list[tuple[float, float, str, int]]:
@@ -203,55 +169,6 @@ def _quantiles(values: list[float]) -> dict[str, float] | None:
     }
 
 
-class StreamLog:
-    """Every pool stream created (``torch.cuda.Stream``), in order, with the file that asked
-    for it and the mode being prepared: CUDA maps streams onto a few hardware queues by
-    creation order (``CUDA_DEVICE_MAX_CONNECTIONS``), so which streams of a model may share
-    one follows from this order."""
-
-    def __init__(self) -> None:
-        self.created: list[dict] = []
-        self.mode: str | None = None
-        original = torch.cuda.Stream.__new__
-
-        def new(cls, device=None, priority=0, **kwargs):
-            stream = original(cls, device, priority, **kwargs)
-            if not kwargs:  # from the pool (not an external stream or a stream id)
-                caller = next(
-                    (f for f in inspect.stack()[1:] if "torch/cuda" not in f.filename), None
-                )
-                self.created.append(
-                    {
-                        "index": len(self.created),
-                        "mode": self.mode,
-                        "stream_id": stream.stream_id,
-                        "priority": priority,
-                        "by": f"{Path(caller.filename).name}:{caller.function}" if caller else "",
-                    }
-                )
-            return stream
-
-        torch.cuda.Stream.__new__ = staticmethod(new)
-
-
-class RestoreCounter(logging.Handler):
-    """Counts the state restores `SlotCounters._prepare` logs (at DEBUG)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "the graph starts from" in record.getMessage():
-            self.count += 1
-
-    def install(self) -> RestoreCounter:
-        counters_log = logging.getLogger("offload_compiler.counters")
-        counters_log.setLevel(logging.DEBUG)
-        counters_log.addHandler(self)
-        return self
-
-
 def profiled_calls(run: Callable[[], object], calls: int, cpu: bool = False):
     """The PyTorch profiler (CUDA activities, replayed graph nodes included; with ``cpu``
     the host's too) over ``calls`` back-to-back ``run()``, between two device syncs."""
@@ -266,56 +183,34 @@ def profiled_calls(run: Callable[[], object], calls: int, cpu: bool = False):
     return prof
 
 
-def return_ms(
-    run: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, ms: float, min_run_s: float
-) -> dict[str, float]:
-    """One run of back-to-back calls (as many as a timed run of a call of ``ms``): ms per call
-    until the last call returned to Python, and until the device finished. The first is near
-    the second only if something in the call waits for the device (a sync, or a full launch
-    queue); where it is much less, the host ran ahead and the device never waited for it."""
-    count = max(3, math.ceil(min_run_s * 1e3 / ms))
-    torch.cuda.synchronize()
-    begin = time.perf_counter()
-    for _ in range(count):
-        run(ids)
-    returned = time.perf_counter()
-    torch.cuda.synchronize()
-    done = time.perf_counter()
-    return {
-        "returned_ms_per_call": (returned - begin) * 1e3 / count,
-        "done_ms_per_call": (done - begin) * 1e3 / count,
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--tokens", type=_ints, default=[2048])
-    parser.add_argument("--config", type=_configs, default=_configs("1/1/1:pp"))
-    parser.add_argument("--modes", type=_modes, default=["default", "reduce-overhead"])
-    parser.add_argument("--calls", type=int, default=3)
-    parser.add_argument("--cpu", action="store_true", help="profile the host too (`host_side`)")
-    parser.add_argument("--pin-cores", type=int, default=0, help="time again on this many cores")
+    parser.add_argument("--tokens", type=parse_ints, default=[2048], help="e.g. 1,16,2048")
     parser.add_argument(
-        "--pages",
-        action="store_true",
-        help="time each model's copies alone and under load first (pages.json, `pinned_pages`)",
+        "--config",
+        type=parse_configs,
+        default=parse_configs("1/1/1:pp"),
+        help="group/num/step[:pp|:layer]",
     )
+    parser.add_argument(
+        "--modes", type=parse_modes, default=["default", "reduce-overhead"], help=",".join(MODES)
+    )
+    parser.add_argument("--calls", type=int, default=3, help="profiled calls per mode")
+    parser.add_argument("--cpu", action="store_true", help="profile the host too (`host_side`)")
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("profiles the copy engine of a CUDA device, and none is available")
     args.out.mkdir(parents=True, exist_ok=True)
-    restores = RestoreCounter().install()
-    streams = StreamLog()
-    make_room_for_graphs(len(args.modes), len(args.tokens))
-
+    # one model per mode in this process: each compiles a static and a dynamic graph
+    torch._dynamo.config.recompile_limit = max(
+        torch._dynamo.config.recompile_limit, len(args.modes) * (len(args.tokens) + 1)
+    )
     device = torch.device("cuda", torch.cuda.current_device())
-    lock = GpuLock(Path(tempfile.mkstemp()[1]))
     inputs = {t: torch.randint(0, LLAMA_8B["vocab"], (1, t), device=device) for t in args.tokens}
     models = {}
-    runtimes = {}
     for mode in args.modes:
-        streams.mode = mode
-        known = len(offload_runtime._RUNTIMES)
         spec = {
             "method": "offload",
             "mode": mode,
@@ -323,55 +218,23 @@ def main(argv: list[str] | None = None) -> int:
             "shape": LLAMA_8B,
             "layers": args.layers,
             "tokens": args.tokens,
-            "device": str(device),
         }
+        prepared = prepare(spec, device, torch.bfloat16)
         with torch.no_grad():
-            models[mode] = prepare(spec, device, torch.bfloat16, lock)
             for ids in inputs.values():  # compiles happen here
                 for _ in range(3):
-                    models[mode][0](ids)
-        (runtimes[mode],) = offload_runtime._RUNTIMES[known:]
-    pages = {"transparent_huge_pages": pinned_pages.transparent_huge_pages()}
-    for mode, runtime in runtimes.items():
-        pinned_pages.rehome_as_flagged(runtime, mode_flags(mode))
-        hosts = pinned_pages.host_tensors(runtime)
-        models[mode] = (*models[mode][:2], hosts)
-        pages[mode] = {"host_pages": pinned_pages.huge_page_share(hosts)}
-        if args.pages:
-            pages[mode].update(pinned_pages.load_test(runtime, device))
-        print(json.dumps({"pages": mode, **pages[mode]}), flush=True)
-    (args.out / "pages.json").write_text(json.dumps(pages, indent=1))
-    slots = {mode: slot_placement.runtime_placement(r) for mode, r in runtimes.items()}
-    for mode, where in slots.items():
-        summary = {k: v for k, v in where.items() if k != "by_buffer"}
-        print(json.dumps({"slots": mode, **summary}), flush=True)
-    (args.out / "slots.json").write_text(json.dumps(slots, indent=1))
-    streams.mode = None
-    (args.out / "streams.json").write_text(json.dumps(streams.created, indent=1))
+                    prepared.call(ids)
+        models[mode] = (prepared.call, *prepared.copies())
     inductor = dict(torch._dynamo.utils.counters["inductor"])
     (args.out / "inductor_counters.json").write_text(json.dumps(inductor, indent=1))
     for tokens, ids in inputs.items():
+        calls = {mode: functools.partial(call, ids) for mode, (call, _, _) in models.items()}
         with torch.no_grad():
-            calls = {mode: call for mode, (call, _, _) in models.items()}
-            before = restores.count
-            times = time_calls(calls, ids, True, 5, 0.5)
-            timed_restores = restores.count - before
-            returns = {
-                mode: return_ms(call, ids, statistics.median(times[mode]), 0.5)
-                for mode, call in calls.items()
-            }
-            pinned = {}
-            if args.pin_cores:
-                cores = sorted(os.sched_getaffinity(0))
-                os.sched_setaffinity(0, cores[: args.pin_cores])
-                pinned = time_calls(calls, ids, True, 5, 0.5)
-                os.sched_setaffinity(0, cores)
-        for mode, (call, moved, hosts) in models.items():
+            times = time_calls(calls, device, runs=5, min_run_s=0.5)
+        for mode, (_, moved, hosts) in models.items():
             floor = copy_floor_ms(hosts, device)
-            before = restores.count
             with torch.no_grad():
-                prof = profiled_calls(functools.partial(call, ids), args.calls, args.cpu)
-            profiled_restores = restores.count - before
+                prof = profiled_calls(calls[mode], args.calls, args.cpu)
             summary = {
                 "mode": mode,
                 "config": args.config[0],
@@ -379,11 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                 "tokens": tokens,
                 "ms": statistics.median(times[mode]),
                 "ms_runs": times[mode],
-                **returns[mode],
-                "ms_pinned_runs": pinned.get(mode),
-                "restores": {"timed_runs_all_modes": timed_restores, "profiled": profiled_restores},
                 "copied_bytes_per_call": moved,
-                "cuda_device_max_connections": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS"),
                 "copy_floor_ms": floor,
                 "copy_floor_GBps": moved / (floor * 1e6),
                 **summarise(prof, args.calls),
