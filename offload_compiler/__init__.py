@@ -11,7 +11,8 @@ from . import ops  # noqa: F401  (registers the custom ops before any compiled g
 from .backend import offload_backend
 from .config import OffloadConfig, PrefetchOffloadConfig, UVAOffloadConfig
 from .placement import place_model, reload_weights
-from .runtime import OffloadedStack, offloaded_stacks
+from .runtime.prefetcher import OffloadedStack
+from .runtime.registry import offloaded_stacks
 
 __all__ = [
     "OffloadConfig",

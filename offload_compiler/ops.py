@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .runtime import get_fetcher, get_runtime
+from .runtime.registry import get_fetcher, get_runtime
 
 
 @torch.library.custom_op("offload::wait_prefetch", mutates_args=("anchors",))

@@ -18,8 +18,9 @@ from torch import nn
 
 from .config import OffloadConfig
 from .discovery import layer_list_of
+from .host_memory import offload_parameters
 from .planning import plan_prefetch, plan_uva, shared_parameters
-from .pool import offload_parameters
+from .runtime.registry import runtimes_of
 
 
 @torch.no_grad()
@@ -73,8 +74,6 @@ def reload_weights(model: nn.Module) -> None:
     through ``.data`` of a parameter of an ``nn.Parameter`` subclass, or before replaying a
     CUDA graph captured by hand (``prefetch.offload_capturable``), whose replays run no Python.
     """
-    from .runtime import runtimes_of
-
     runtimes = runtimes_of(model)
     if not runtimes:
         raise ValueError(

@@ -25,3 +25,14 @@ def prefetch_options(
     if per_param is not None:
         prefetch["offload_per_param"] = per_param
     return {"prefetch": prefetch, **top}
+
+
+def cpu_schedule(prefetch: Any = None, **top: Any):
+    """The schedule of a CPU compile with this prefetch config (a `PrefetchOffloadConfig`)."""
+    import torch
+
+    from offload_compiler import OffloadConfig
+    from offload_compiler.schedule import resolve
+
+    config = OffloadConfig(prefetch=prefetch, **top) if prefetch is not None else OffloadConfig()
+    return resolve(config, None, torch.device("cpu"))

@@ -9,28 +9,23 @@ from typing import Any
 import torch
 from torch import fx
 
-from offload_compiler.backend import plan_slot_reads, plan_uva_reads
-from offload_compiler.config import OffloadConfig
-from offload_compiler.fx_pass import OffloadPrefetchPass, Rewrite, UVAFetchPass
+from offload_compiler.backend import OffloadGraph, rewrite_graph
 
 _OPS = {"wait_prefetch", "start_prefetch", "join_after_forward"}
 
 
 def rewrites(
     model: torch.nn.Module, options: Mapping[str, Any], *inputs: Any, rejoin: bool = False
-) -> list[Rewrite]:
-    """The rewrite of every graph Dynamo makes of ``model(*inputs)`` (graph breaks: several);
-    ``rejoin`` as for graphs that run as CUDA graphs."""
-    config = OffloadConfig.from_options(options)
-    found: list[Rewrite] = []
+) -> list[OffloadGraph]:
+    """The backend's rewrite of every graph Dynamo makes of ``model(*inputs)`` (graph breaks:
+    several), through its public seam; ``rejoin``: the schedule of graphs that run as CUDA
+    graphs (``prefetch.offload_capturable``)."""
+    if rejoin:
+        options = {**options, "prefetch": {**options["prefetch"], "offload_capturable": True}}
+    found: list[OffloadGraph] = []
 
     def backend(gm: fx.GraphModule, example_inputs: list[torch.Tensor]):
-        if config.selected_backend == "uva":
-            found.append(UVAFetchPass(plan_uva_reads(gm, config))(gm))
-        else:
-            reads, _ = plan_slot_reads(gm, config)
-            per_param = config.prefetch.offload_per_param
-            found.append(OffloadPrefetchPass(reads, rejoin=rejoin, per_param=per_param)(gm))
+        found.append(rewrite_graph(gm, example_inputs, options))
         return gm.forward
 
     torch._dynamo.reset()

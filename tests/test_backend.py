@@ -20,8 +20,7 @@ from torch._dynamo.exc import BackendCompilerFailed
 
 import offload_compiler
 from offload_compiler import OffloadConfig
-from offload_compiler.backend import compile_rewrite, offload_backend, plan_slot_reads
-from offload_compiler.fx_pass import OffloadPrefetchPass
+from offload_compiler.backend import compile_graph, offload_backend, rewrite_graph
 from tests.common import prefetch_options
 from tests.models import LlamaShaped, MLPStack, PerLayerBreaks, clone_model
 
@@ -110,15 +109,12 @@ def test_state_dict_reads_back_bit_for_bit():
 def _compile_with(model, options, mutate):
     """Compile ``model`` through the real rewrite, with ``mutate(rewrite)`` applied before
     Inductor: a way to inject the mistakes the tests must be able to catch."""
-    config = OffloadConfig.from_options(options)
 
     def backend(gm, example_inputs):
-        reads, _ = plan_slot_reads(gm, config)
-        per_param = config.prefetch.offload_per_param
-        rewrite = OffloadPrefetchPass(reads, rejoin=False, per_param=per_param)(gm)
-        mutate(rewrite)
-        rewrite.gm.recompile()
-        return compile_rewrite(rewrite, example_inputs, {})
+        graph = rewrite_graph(gm, example_inputs, options)
+        mutate(graph)
+        graph.gm.recompile()
+        return compile_graph(graph, example_inputs)
 
     return torch.compile(model, backend=backend)
 
@@ -336,7 +332,8 @@ def test_join_rejoins_graphs_that_run_or_may_be_captured_as_cuda_graphs(
 @pytest.mark.parametrize("step", [1, 2, 3])
 def test_reduce_overhead_rewrite_with_graph_top_starts_equals_inductor(step):
     """With mode reduce-overhead the graph rejoins at its end and starts some copies for the
-    next call at its top (see fx_pass); on CPU the same graph runs without CUDA graphs."""
+    next call at its top (see passes/prefetch.py); on CPU the same graph runs without CUDA
+    graphs."""
     torch.manual_seed(0)
     options = {**prefetch_options(1, 1, step), "mode": "reduce-overhead"}
     worst = _compare(MLPStack(layers=6, dim=16), options, _mlp_input, calls=4)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import offload_compiler
-from offload_compiler import runtime as runtime_module
+from offload_compiler.runtime import registry as runtime_module
 from tests.common import prefetch_options
 from tests.models import MLPStack, clone_model
 

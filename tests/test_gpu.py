@@ -18,8 +18,8 @@ import torch
 from torch._dynamo.utils import counters
 
 import offload_compiler
-from offload_compiler.pool import host_copy, plan_pinned_blocks
-from offload_compiler.runtime import _BY_LAYER_LIST
+from offload_compiler.host_memory import host_copy, plan_pinned_blocks
+from offload_compiler.runtime.registry import _BY_LAYER_LIST
 from tests.common import prefetch_options
 from tests.models import LlamaShaped, MLPStack, clone_model
 

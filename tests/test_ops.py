@@ -7,7 +7,8 @@ import torch
 from offload_compiler import ops
 from offload_compiler.config import PrefetchOffloadConfig
 from offload_compiler.planning import plan_prefetch
-from offload_compiler.runtime import runtime_for
+from offload_compiler.runtime.registry import runtime_for
+from tests.common import cpu_schedule
 from tests.models import MLPStack
 
 
@@ -27,7 +28,7 @@ def test_ops_drive_the_runtime_and_leave_anchors_unchanged():
     model = MLPStack(layers=2, dim=4)
     config = PrefetchOffloadConfig(offload_group_size=1, offload_num_in_group=1)
     plan = plan_prefetch(model.blocks, "blocks", config)
-    runtime = runtime_for(model.blocks, plan, torch.device("cpu"), "h", poison_slots=False)
+    runtime = runtime_for(model.blocks, plan, cpu_schedule(config))
     anchor = torch.randn(3)
     before = anchor.clone()
     ops.WAIT_PREFETCH([anchor], runtime.id, 0)

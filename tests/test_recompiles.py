@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from offload_compiler import runtime as runtime_module
+from offload_compiler.runtime import registry as runtime_module
 from tests.models import LlamaShaped, MLPStack, clone_model
 
 OPTIONS = {

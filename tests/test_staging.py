@@ -9,7 +9,7 @@ import logging
 import torch
 from torch import fx, nn
 
-from offload_compiler.staging import _stageable, stage_inputs
+from offload_compiler.runtime.staging import _stageable, stage_inputs
 
 
 def _captured(fn, *inputs, dynamic: bool | None = False) -> tuple[fx.GraphModule, list]:

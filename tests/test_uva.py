@@ -12,8 +12,8 @@ import torch
 import offload_compiler
 from offload_compiler import OffloadConfig
 from offload_compiler.config import UVAOffloadConfig
+from offload_compiler.host_memory import host_copy
 from offload_compiler.planning import plan_uva
-from offload_compiler.pool import host_copy
 from tests.graphs import rewrites, summary
 from tests.models import LlamaShaped, MLPStack, clone_model
 

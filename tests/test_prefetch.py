@@ -462,32 +462,3 @@ def test_weight_only_computation_is_ordered_after_the_wait():
     wait = next(i for i, line in enumerate(lines) if line.startswith("wait_prefetch(layer=0"))
     first_read = next(i for i, line in enumerate(lines) if "slot_s0_weight)" in line)
     assert wait < first_read
-
-
-def test_work_estimate_sums_node_costs_before_and_after_each_node():
-    """The work before and after a node, as prefix sums, equals the plain sums of the nodes'
-    roofline costs; the lm_head of a large vocabulary outweighs a decoder layer."""
-    from offload_compiler.fx_pass import _node_cost, _WorkEstimate
-
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch.manual_seed(0)
-    model = LlamaShaped(layers=2, dim=32, heads=4, kv_heads=2, hidden=64, vocab=4096)
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=backend)(torch.randint(0, 4096, (1, 8)))
-    torch._dynamo.reset()
-    (gm,) = graphs
-    nodes = list(gm.graph.nodes)
-    costs = [_node_cost(node) for node in nodes]
-    work = _WorkEstimate(gm.graph)
-    for i, node in enumerate(nodes):
-        assert work.before(node) == pytest.approx(sum(costs[:i]))
-        assert work.after(node) == pytest.approx(sum(costs[i + 1 :]))
-    lm_head = max(nodes, key=_node_cost)
-    assert "lm_head" in str(lm_head.args)
-    assert work.before(lm_head) < _node_cost(lm_head)  # both layers and the embedding

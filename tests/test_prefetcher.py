@@ -7,19 +7,18 @@ import torch
 
 from offload_compiler.config import PrefetchOffloadConfig
 from offload_compiler.planning import plan_prefetch
-from offload_compiler.runtime import get_runtime, runtime_for
+from offload_compiler.runtime.registry import get_runtime, runtime_for
+from tests.common import cpu_schedule
 from tests.models import MLPStack
 
-CPU = torch.device("cpu")
 
-
-def _runtime(step: int = 1, layers: int = 3, config_hash: str = "h"):
+def _runtime(step: int = 1, layers: int = 3):
     model = MLPStack(layers=layers, dim=4)
     config = PrefetchOffloadConfig(
         offload_group_size=1, offload_num_in_group=1, offload_prefetch_step=step
     )
     plan = plan_prefetch(model.blocks, "blocks", config)
-    return model, runtime_for(model.blocks, plan, CPU, config_hash, poison_slots=False)
+    return model, runtime_for(model.blocks, plan, cpu_schedule(config))
 
 
 def test_first_layers_are_in_their_slots_from_the_start():
@@ -46,9 +45,9 @@ def test_wait_refills_a_slot_that_holds_another_layer():
 def test_same_layers_reuse_their_runtime_and_a_new_config_is_refused():
     model, runtime = _runtime()
     plan = runtime.plan
-    assert runtime_for(model.blocks, plan, CPU, "h", poison_slots=False) is runtime
+    assert runtime_for(model.blocks, plan, runtime.schedule) is runtime
     with pytest.raises(ValueError, match="already offloaded with another configuration"):
-        runtime_for(model.blocks, plan, CPU, "other", poison_slots=False)
+        runtime_for(model.blocks, plan, cpu_schedule(poison_slots=True))
     assert get_runtime(runtime.id) is runtime
 
 
@@ -61,6 +60,6 @@ def test_not_offloaded_layer_is_an_error():
     model = MLPStack(layers=4, dim=4)
     config = PrefetchOffloadConfig(offload_group_size=2, offload_num_in_group=1)
     plan = plan_prefetch(model.blocks, "blocks", config)
-    runtime = runtime_for(model.blocks, plan, CPU, "h", poison_slots=False)
+    runtime = runtime_for(model.blocks, plan, cpu_schedule(config))
     with pytest.raises(RuntimeError, match="layer 0 of blocks is not offloaded"):
         runtime.wait(0)

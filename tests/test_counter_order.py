@@ -14,7 +14,8 @@ import random
 
 import pytest
 
-from offload_compiler.counters import GraphProgram, SlotCounters, _runs
+from offload_compiler.runtime.counter_device import _runs
+from offload_compiler.runtime.counter_order import GraphProgram, SlotCounters
 
 LAYERS = 3  # offloaded layer positions 0..2, all in slot 0 (prefetch_step 1)
 ENTITIES = (0, 1)  # two parameters of the slot

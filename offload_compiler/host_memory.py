@@ -1,4 +1,4 @@
-"""Memory for offloaded weights: pinned host copies and the static GPU slot buffers.
+"""Host memory of offloaded weights: pinned host copies, and parameters that read them.
 
 An offloaded parameter keeps exactly one copy of its values, in pinned host memory (pageable
 memory would make every ``non_blocking`` copy synchronous). On a CUDA machine the ``Parameter``
@@ -28,20 +28,6 @@ from torch.utils.weak import WeakIdKeyDictionary
 # `place_model` and the backend so that a model placed ahead of compile is not copied twice.
 # Keyed by identity: a WeakKeyDictionary would compare tensors with ==, elementwise.
 _HOST_COPIES = WeakIdKeyDictionary()
-
-
-@dataclass(frozen=True)
-class SlotKey:
-    """What makes two layers' parameters interchangeable in one slot buffer."""
-
-    name: str
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    dtype: torch.dtype
-
-    @staticmethod
-    def of(name: str, tensor: torch.Tensor) -> SlotKey:
-        return SlotKey(name, tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
 
 
 class _CudaArrayInterface:
@@ -162,15 +148,6 @@ class PinnedArena:
         return raw.view(dtype).as_strided(shape, stride)
 
 
-def pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """A pinned host tensor with ``tensor``'s values, shape and strides."""
-    host = torch.empty_strided(
-        tensor.shape, tensor.stride(), dtype=tensor.dtype, device="cpu", pin_memory=True
-    )
-    host.copy_(tensor.detach())
-    return host
-
-
 class OffloadedParameter(nn.Parameter):
     """An offloaded ``nn.Parameter`` whose every change shows in its version counter.
 
@@ -254,32 +231,3 @@ def adopt_values(param: torch.Tensor, host: torch.Tensor, name: str, device: tor
     param.data = cuda_view_of_pinned(host, device) if device.type == "cuda" else host
     _HOST_COPIES[param] = host
     mark_offloaded(param)
-
-
-class SlotPool:
-    """``num_slots`` sets of static buffers on the compute device, one buffer per `SlotKey`.
-
-    The buffers are allocated once and never reallocated: compiled graphs take them as static
-    inputs and CUDA graphs bake their addresses in.
-    """
-
-    def __init__(self, num_slots: int, device: torch.device) -> None:
-        self.device = device
-        self._buffers: list[dict[SlotKey, torch.Tensor]] = [{} for _ in range(num_slots)]
-
-    def buffer(self, slot: int, key: SlotKey) -> torch.Tensor:
-        """The buffer of ``slot`` for ``key``, allocated on first request."""
-        buffers = self._buffers[slot]
-        if key not in buffers:
-            buffers[key] = torch.empty_strided(
-                key.shape, key.stride, dtype=key.dtype, device=self.device
-            )
-        return buffers[key]
-
-    def buffers(self) -> list[torch.Tensor]:
-        """Every buffer allocated so far, slot by slot (each once, however many layers use it)."""
-        return [buf for slot in self._buffers for buf in slot.values()]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(buf.untyped_storage().nbytes() for buf in self.buffers())

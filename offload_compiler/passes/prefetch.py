@@ -1,0 +1,419 @@
+"""The prefetch rewrite: offloaded parameter reads become slot reads fenced by prefetch ops.
+
+Every node this rewrite adds to a graph is added here (`insert_prefetch_ops`). For each
+offloaded layer found in the graph (in graph order):
+  1. its parameter placeholders are replaced by static slot placeholders (appended after the
+     existing placeholders; the parameter placeholders stay, unused, because Dynamo still
+     passes the parameters);
+  2. ``wait_prefetch(layer)`` goes right before the first node that uses any of its slots;
+  3. ``start_prefetch(next layer of the slot)`` goes right after the last node that uses them;
+and ``join_after_forward`` goes right before the output. The invariants the anchors, the token
+and the clones keep are in README.md beside this file.
+
+Dynamo's own graph is not modified: it reads ``meta["grapharg"]`` of every placeholder after the
+backend returns, so the rewrite works on a copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from .. import ops
+from .common import (
+    Rewrite,
+    UnsupportedGraphError,
+    copy_graph_module,
+    fake_mode_of,
+    mark_static_input,
+    storage_of,
+)
+from .work_estimate import WorkEstimate
+
+
+@dataclass(frozen=True)
+class SlotRead:
+    """Redirect one parameter placeholder to a slot buffer of an offloaded layer."""
+
+    runtime_id: int
+    layer: int  # ModuleList index of the offloaded layer
+    param: str  # the parameter's name in the layer
+    prefetch: int  # layer whose copy starts once this layer's span is over
+    prefetch_params: tuple[str, ...]  # that layer's offloaded parameters
+    slot_name: str  # name of the slot placeholder (shared by the layers of one slot)
+    slot: torch.Tensor
+
+
+@dataclass
+class _Span:
+    """The nodes of one unit (a layer, or one parameter of it) that read its slots."""
+
+    runtime_id: int
+    layer: int
+    param: str | None
+    first: fx.Node  # the first node that reads the unit's slots
+    last: fx.Node  # the last one
+    readers: set[fx.Node]  # the computations that read them (views of the slots excluded)
+    prefetch: int  # the layer whose copy into this slot starts once the span is over
+    next_params: tuple[str, ...]  # that layer's offloaded parameters
+
+    @property
+    def key(self) -> tuple[int, int, str | None]:
+        return (self.runtime_id, self.layer, self.param)
+
+
+def insert_prefetch_ops(
+    gm: fx.GraphModule, reads: dict[str, SlotRead], *, rejoin: bool, per_param: bool
+) -> Rewrite:
+    """A rewritten copy of ``gm``, with the slot tensors to append to its inputs and the number
+    of extra outputs (one token per runtime) to drop from its results.
+
+    ``reads`` maps parameter placeholders to the slots they read instead; ``rejoin``: the graph
+    will run as a CUDA graph, so its copies are joined before it returns; ``per_param``: a span,
+    a wait and a start per (layer, parameter) instead of per layer.
+
+    It runs before AOTAutograd, so the caches key it by what it produced: AOTAutograd's and
+    Inductor's FX graph cache hash the rewritten graph (slot inputs, op arguments and all), and
+    a change of configuration that changes the rewrite misses them.
+    """
+    new_gm = copy_graph_module(gm)
+    graph = new_gm.graph
+    spans = _find_spans(graph, reads, per_param)
+    slots, input_storages = _swap_in_slots(graph, reads)
+    tokens = _add_tokens(graph, reads)
+    _fence_spans(graph, spans, tokens, rejoin, input_storages)
+    _join_before_output(graph, tokens, rejoin)
+    graph.lint()
+    new_gm.recompile()
+    return Rewrite(new_gm, slots, len(tokens))
+
+
+def _order(graph: fx.Graph) -> dict[fx.Node, int]:
+    return {node: i for i, node in enumerate(graph.nodes)}
+
+
+def _find_spans(graph: fx.Graph, reads: dict[str, SlotRead], per_param: bool) -> list[_Span]:
+    """Each unit's span, in graph order: from the first to the last user of its parameters
+    (found before the rewrite, while every layer still has placeholders of its own)."""
+    placeholders = {n.name: n for n in graph.find_nodes(op="placeholder")}
+    params: dict[tuple[int, int, str | None], list[fx.Node]] = {}
+    target: dict[tuple[int, int, str | None], SlotRead] = {}
+    for name, read in reads.items():
+        key = (read.runtime_id, read.layer, read.param if per_param else None)
+        params.setdefault(key, []).append(placeholders[name])
+        target[key] = read
+    order = _order(graph)
+    computed = _computed_tensors(graph)
+    spans = []
+    for key, nodes in params.items():
+        slot_reads = _slot_reads(computed, nodes, {storage_of(p) for p in nodes})
+        users = {user for node in slot_reads for user in node.users}
+        if any(user.op == "output" for user in users):
+            raise UnsupportedGraphError(
+                f"the graph returns a parameter of offloaded layer {key[1]} (or a view of "
+                "it); offloaded weights are only readable inside the compiled graph"
+            )
+        first = min(users, key=order.__getitem__)
+        last = max(users, key=order.__getitem__)
+        read = target[key]
+        spans.append(
+            _Span(*key, first, last, users - slot_reads, read.prefetch, read.prefetch_params)
+        )
+    return sorted(spans, key=lambda span: order[span.first])
+
+
+def _swap_in_slots(
+    graph: fx.Graph, reads: dict[str, SlotRead]
+) -> tuple[list[torch.Tensor], set[StorageWeakRef]]:
+    """Static slot placeholders, appended after the existing ones, replace the parameter
+    placeholders (which stay, unused: Dynamo still passes the parameters). Returns the slot
+    tensors in placeholder order and the storages of every graph input."""
+    placeholders = {n.name: n for n in graph.find_nodes(op="placeholder")}
+    fake_mode = fake_mode_of(placeholders.values())
+    input_storages = {storage_of(n) for n in placeholders.values()} - {None}
+    slot_nodes: dict[int, fx.Node] = {}  # id of the slot buffer -> its placeholder
+    slots: list[torch.Tensor] = []
+    last_placeholder = list(placeholders.values())[-1]
+    for name, read in reads.items():
+        slot_node = slot_nodes.get(id(read.slot))
+        if slot_node is None:
+            # layers of different shapes share a slot index but not a buffer
+            taken = {n.target for n in slot_nodes.values()}
+            target, suffix = read.slot_name, 0
+            while target in taken:
+                suffix += 1
+                target = f"{read.slot_name}_{suffix}"
+            with graph.inserting_after(last_placeholder):
+                slot_node = graph.placeholder(target)
+            last_placeholder = slot_node
+            mark_static_input(slot_node, read.slot, fake_mode)
+            slot_nodes[id(read.slot)] = slot_node
+            slots.append(read.slot)
+        placeholders[name].replace_all_uses_with(slot_node)
+    return slots, input_storages | {storage_of(n) for n in slot_nodes.values()}
+
+
+def _add_tokens(graph: fx.Graph, reads: dict[str, SlotRead]) -> dict[int, fx.Node]:
+    """One token per runtime, created after the placeholders: every op of the runtime mutates
+    it, which chains them in graph order."""
+    fake_mode = fake_mode_of(graph.find_nodes(op="placeholder"))
+    after = graph.find_nodes(op="placeholder")[-1]
+    tokens: dict[int, fx.Node] = {}
+    for runtime_id in sorted({read.runtime_id for read in reads.values()}):
+        device = next(r.slot.device for r in reads.values() if r.runtime_id == runtime_id)
+        with graph.inserting_after(after):
+            token = graph.call_function(torch.empty, ((0,),), {"device": device})
+        with fake_mode:
+            token.meta["example_value"] = torch.empty((0,), device=device)
+        tokens[runtime_id] = token
+        after = token
+    return tokens
+
+
+def _fence_spans(
+    graph: fx.Graph,
+    spans: list[_Span],
+    tokens: dict[int, fx.Node],
+    rejoin: bool,
+    input_storages: set[StorageWeakRef],
+) -> None:
+    """``wait_prefetch`` right before each span's first node, and ``start_prefetch`` of the
+    next unit of its slot right after its last node, or at the top of the graph (see
+    `_starts_at_top`)."""
+    is_anchor = _anchor_test(input_storages)
+    work = WorkEstimate(graph)
+    span_start = {span.key: span.first for span in spans}
+    started_after = _units_started_after(spans)
+    top_of_graph = dict(tokens)  # runtime -> node after which graph-top starts go
+    for span in spans:
+        token = tokens[span.runtime_id]
+        order = _order(graph)
+        live_in = _live_in(graph, span.first, span.last, order, is_anchor)
+        live_in = _ensure_readers_follow(graph, span, live_in, order)
+        with graph.inserting_before(span.first):
+            wait = graph.call_function(
+                ops.WAIT_PREFETCH,
+                ([token, *live_in], span.runtime_id, span.layer, *_unit_arg(span.param)),
+            )
+        wait.meta["example_value"] = None
+        for started in started_after[span.key]:  # units of layer `span.prefetch` to copy now
+            args = (span.runtime_id, span.prefetch, *_unit_arg(started))
+            order = _order(graph)
+            reader = span_start.get((span.runtime_id, span.prefetch, started))
+            if rejoin and _starts_at_top(reader, span, order, work):
+                with graph.inserting_after(top_of_graph[span.runtime_id]):
+                    start = graph.call_function(ops.START_PREFETCH, ([token], *args))
+                top_of_graph[span.runtime_id] = start
+            else:
+                live_out = _live_out(graph, span.readers, span.last, order, is_anchor)
+                if not live_out:
+                    raise UnsupportedGraphError(
+                        f"nothing computed from offloaded layer {span.layer}'s weights is used "
+                        "after them; there is no activation to order its prefetch after"
+                    )
+                with graph.inserting_after(span.last):
+                    start = graph.call_function(ops.START_PREFETCH, ([token, *live_out], *args))
+            start.meta["example_value"] = None
+
+
+def _starts_at_top(
+    reader: fx.Node | None, span: _Span, order: dict[fx.Node, int], work: WorkEstimate
+) -> bool:
+    """Whether a copy for the next forward starts at the top of the next call rather than after
+    ``span``: where it would start with less work left in this graph than comes before its
+    reader in the next one. Under CUDA graphs the join would wait for it at the end, so at the
+    top it hides behind more (its slot's last reader then belongs to the previous call)."""
+    return (
+        reader is not None
+        and order[reader] < order[span.first]
+        and work.before(reader) > work.after(span.last)
+    )
+
+
+def _join_before_output(graph: fx.Graph, tokens: dict[int, fx.Node], rejoin: bool) -> None:
+    """``join_after_forward`` per runtime, with the tokens returned as extra outputs: a mutation
+    whose result nothing reads is dead code after functionalization, so the join needs a user."""
+    output = next(iter(graph.find_nodes(op="output")))
+    for runtime_id, token in tokens.items():
+        with graph.inserting_before(output):
+            join = graph.call_function(ops.JOIN_AFTER_FORWARD, ([token], runtime_id, rejoin))
+        join.meta["example_value"] = None
+    (results,) = output.args
+    output.args = ((*results, *tokens.values()),)
+
+
+_Computed = tuple[fx.Node, StorageWeakRef | None, list[fx.Node]]
+
+
+def _computed_tensors(graph: fx.Graph) -> list[_Computed]:
+    """Every node but the placeholders, in graph order, with the storage of its value and its
+    tensor inputs: what `_slot_reads` looks at, worked out once per graph rather than once per
+    layer and parameter."""
+    computed = []
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            continue
+        inputs = [
+            i for i in node.all_input_nodes if isinstance(i.meta.get("example_value"), torch.Tensor)
+        ]
+        computed.append((node, storage_of(node), inputs))
+    return computed
+
+
+def _slot_reads(
+    computed: list[_Computed], slots: list[fx.Node], storages: set[StorageWeakRef]
+) -> set[fx.Node]:
+    """Nodes whose values are the layer's slots or computed from them alone.
+
+    That is the slot placeholders, their views, and weight-only computations (a dtype cast of a
+    norm weight, say). Their users are the layer's readers; the span to fence runs from the
+    first to the last of those users, since Inductor may inline a weight-only computation into
+    any of them.
+    """
+    reads = set(slots)
+    for node, storage, inputs in computed:
+        if storage in storages or (inputs and all(i in reads for i in inputs)):
+            reads.add(node)
+    return reads
+
+
+def _anchor_test(input_storages: set[StorageWeakRef]):
+    """Whether a node may be declared mutated: a computed tensor that aliases no graph input."""
+
+    def is_anchor(node: fx.Node) -> bool:
+        storage = storage_of(node)
+        return (
+            node.op in ("call_function", "call_method", "call_module")
+            and storage is not None
+            and storage not in input_storages
+        )
+
+    return is_anchor
+
+
+def _live_in(graph, first: fx.Node, last: fx.Node, order, is_anchor) -> list[fx.Node]:
+    """Activations defined before ``first`` and used inside the span ``first..last``."""
+    start, end = order[first], order[last]
+    live = {}
+    for node in graph.nodes:
+        if start <= order[node] <= end:
+            for inp in node.all_input_nodes:
+                if order[inp] < start and is_anchor(inp):
+                    live[inp] = None
+    return list(live)
+
+
+def _ensure_readers_follow(
+    graph: fx.Graph, span: _Span, live_in: list[fx.Node], order: dict[fx.Node, int]
+) -> list[fx.Node]:
+    """Check every slot reader depends on the wait; clone graph inputs to anchor it if not.
+
+    A reader that depends on none of the wait's anchors could be scheduled before the wait.
+    Such a reader's activations come straight from graph inputs (e.g. the model input feeding
+    layer 0); an input cannot be an anchor, so the span reads a fresh clone of it instead.
+    """
+    first, last, readers = span.first, span.last, span.readers
+    if not _unordered_readers(graph, first, last, readers, live_in, order):
+        return live_in
+    span = [n for n in graph.nodes if order[first] <= order[n] <= order[last]]
+    inputs = {inp: None for node in span for inp in node.all_input_nodes if _is_user_input(inp)}
+    clones = []
+    for inp in inputs:
+        with graph.inserting_before(first):
+            clone = graph.call_function(torch.clone, (inp,))
+        example = inp.meta["example_value"]
+        with example.fake_mode:
+            clone.meta["example_value"] = torch.clone(example)
+        for node in span:
+            node.replace_input_with(inp, clone)
+        clones.append(clone)
+    live_in = [*live_in, *clones]
+    order.update({node: i for i, node in enumerate(graph.nodes)})
+    unordered = _unordered_readers(graph, first, last, readers, live_in, order)
+    if unordered:
+        raise UnsupportedGraphError(
+            "offloaded weights are used by computations that read no activation "
+            f"({', '.join(n.format_node() for n in unordered)}); such work cannot be ordered "
+            "after the weights arrive. Keep these parameters resident (offload_params)."
+        )
+    return live_in
+
+
+def _is_user_input(node: fx.Node) -> bool:
+    """A placeholder Dynamo made for a tensor input that is not a parameter."""
+    grapharg = node.meta.get("grapharg")
+    example = getattr(grapharg, "example", None)
+    return (
+        node.op == "placeholder"
+        and isinstance(example, torch.Tensor)
+        and not isinstance(example, torch.nn.Parameter)
+    )
+
+
+def _unordered_readers(graph, first, last, readers, live_in, order) -> list[fx.Node]:
+    depends = set(live_in)
+    for node in graph.nodes:
+        if order[first] <= order[node] <= order[last] and any(
+            inp in depends for inp in node.all_input_nodes
+        ):
+            depends.add(node)
+    return [r for r in readers if r not in depends]
+
+
+def _live_out(graph, readers, last: fx.Node, order, is_anchor) -> list[fx.Node]:
+    """Values up to ``last`` computed from the slot readers and still used after ``last``.
+
+    A value that is not a tensor (a tuple from split, say) is replaced by the tensors it was
+    computed from, since that is what its later users' views are rebuilt from.
+    """
+    end = order[last]
+    derived = set(readers)
+    for node in graph.nodes:
+        if order[node] > end:
+            break
+        if any(inp in derived for inp in node.all_input_nodes):
+            derived.add(node)
+    live: dict[fx.Node, None] = {}
+    pending = [n for n in derived if any(order[u] > end for u in n.users)]
+    while pending:
+        node = pending.pop()
+        if is_anchor(node):
+            live[node] = None
+        elif not isinstance(node.meta.get("example_value"), torch.Tensor):
+            pending.extend(inp for inp in node.all_input_nodes if inp in derived)
+    return sorted(live, key=order.__getitem__)
+
+
+def _unit_arg(param: str | None) -> tuple[str, ...]:
+    """The ops' optional parameter argument: absent for a whole layer."""
+    return () if param is None else (param,)
+
+
+def _units_started_after(spans: list[_Span]) -> dict[tuple[int, int, str | None], list[str | None]]:
+    """Which units of the next layer of its slot each span starts when it ends.
+
+    Per layer: the whole next layer. Per parameter: the same parameter of the next layer, if
+    that layer offloads it; the next layer's parameters that have no span of this layer here
+    (left resident in this layer, being tied or shared, or read in another graph) start after
+    this layer's last span, as a whole layer would.
+    """
+    if all(span.param is None for span in spans):
+        return {span.key: [None] for span in spans}
+    own: dict[tuple[int, int], set[str | None]] = {}
+    last_span: dict[tuple[int, int], _Span] = {}
+    for span in spans:
+        layer = span.key[:2]
+        own.setdefault(layer, set()).add(span.param)
+        if layer not in last_span or span.last > last_span[layer].last:
+            last_span[layer] = span
+    started: dict[tuple[int, int, str | None], list[str | None]] = {}
+    for span in spans:
+        wanted = set(span.next_params)
+        units: list[str | None] = [span.param] if span.param in wanted else []
+        if last_span[span.key[:2]] is span:
+            units += sorted(wanted - own[span.key[:2]])
+        started[span.key] = units
+    return started

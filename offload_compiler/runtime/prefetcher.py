@@ -1,0 +1,160 @@
+"""The prefetch runtime of one offloaded ModuleList: its host copies, its slots, and the
+ordering of the copies into the slots, which the custom ops drive (`ops`).
+
+Which ordering runs is the schedule's choice: events (`event_order`), counters with copies
+issued by the host around CUDA-graph replays (`counter_order`), or synchronous copies on a
+machine without a GPU. Each call of a compiled graph first calls `refresh`, since the slots of
+the first offloaded layers are filled at the end of the previous call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ..host_memory import adopt_values, offload_parameters
+from ..planning import OffloadedLayer, OffloadPlan
+from .counter_order import CounterOrder, GraphProgram
+from .event_order import EventOrder, SyncOrder
+from .slots import SlotKey, SlotPool
+
+if TYPE_CHECKING:
+    from ..schedule import Schedule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OffloadedStack:
+    """What the prefetch backend offloaded of one ModuleList of a model."""
+
+    layers_path: str
+    layers: tuple[int, ...]
+    """Indices of the offloaded layers, in copy order."""
+    host_tensors: tuple[torch.Tensor, ...] = field(repr=False)
+    """The offloaded parameters' host copies (pinned on CUDA), in copy order."""
+    host_bytes: int
+    slot_bytes: int
+    """GPU memory of the slot buffers the offloaded layers share."""
+
+
+class OffloadRuntime:
+    """Host copies, slot buffers and copy ordering of one offloaded ModuleList."""
+
+    def __init__(
+        self, runtime_id: int, layers: nn.ModuleList, plan: OffloadPlan, schedule: Schedule
+    ) -> None:
+        self.id = runtime_id
+        self.plan = plan
+        self.schedule = schedule
+        self.device = schedule.device
+        self.pool = SlotPool(plan.num_slots, self.device)
+        self._params = plan.parameters(layers)
+        hosts = iter(offload_parameters(self._params, self.device))  # packed into pinned blocks
+        self._host: list[dict[str, torch.Tensor]] = []
+        self._slots: list[dict[str, torch.Tensor]] = []
+        for layer in plan.layers:
+            host = {name: next(hosts) for name in layer.params}
+            self._host.append(host)
+            self._slots.append(
+                {n: self.pool.buffer(layer.slot, SlotKey.of(n, t)) for n, t in host.items()}
+            )
+        self.host_bytes = sum(t.nbytes for host in self._host for t in host.values())
+        poison = self._poison if schedule.poison_slots else None
+        if self.device.type != "cuda":
+            self._order: SyncOrder | CounterOrder = SyncOrder(plan, self._copy)
+        elif schedule.host_issued_copies:
+            self._order = CounterOrder(plan, self._copy, self.device, poison)
+        else:
+            self._order = EventOrder(plan, self._copy, self.device, poison)
+        self._versions = self._param_versions()
+        for layer in plan.layers[: plan.num_slots]:  # the first forward finds its slots filled
+            self._order.start(layer, layer.params)
+        self._order.join()
+
+    def calling(self, graph: GraphProgram) -> contextlib.AbstractContextManager[None]:
+        """Wrap each call of a compiled graph that cudagraph trees run (host-issued copies)."""
+        assert isinstance(self._order, CounterOrder)
+        return self._order.calling(graph)
+
+    def slot_tensors(self, layer_index: int) -> dict[str, torch.Tensor]:
+        """The slot buffers the compiled graph reads for layer ``layer_index``'s parameters."""
+        return self._slots[self._layer(layer_index).position]
+
+    def start(self, layer_index: int, name: str | None = None) -> None:
+        """Begin copying layer ``layer_index``'s weights (or only parameter ``name``) into its
+        slot (op start_prefetch)."""
+        layer = self._layer(layer_index)
+        self._order.start(layer, layer.params if name is None else (name,))
+
+    def wait(self, layer_index: int, name: str | None = None) -> None:
+        """Make the compute stream wait until layer ``layer_index``'s slot holds its weights
+        (or parameter ``name``); a slot that holds another layer is filled first."""
+        layer = self._layer(layer_index)
+        self._order.wait(layer, layer.params if name is None else (name,))
+
+    def join(self) -> None:
+        """Rejoin the copy stream into the compute stream (op join_after_forward)."""
+        self._order.join()
+
+    def stack(self) -> OffloadedStack:
+        """This runtime as the public `OffloadedStack`."""
+        return OffloadedStack(
+            self.plan.layers_path,
+            tuple(layer.index for layer in self.plan.layers),
+            tuple(t for host in self._host for t in host.values()),
+            self.host_bytes,
+            self.pool.nbytes,
+        )
+
+    def refresh(self) -> None:
+        """Called before each call of a compiled graph: if an offloaded parameter changed since
+        the last call (in place, or given other storage), take its new values and copy again
+        what the slots hold. The slots of the first offloaded layers are filled ahead, at the
+        end of the previous call, from what the host copies held then."""
+        if self._param_versions() != self._versions:
+            self.reload()
+
+    def bind(self, layers: nn.ModuleList) -> None:
+        """Called at each compile: take the Parameters ``layers`` hold now (a new compile
+        follows ``load_state_dict(assign=True)``, which makes new ones) as the offloaded ones."""
+        params = self.plan.parameters(layers)
+        if any(new is not old for new, old in zip(params, self._params, strict=True)):
+            self._params = params
+            self.reload()
+
+    def reload(self) -> None:
+        """Re-read every offloaded parameter: values given in other storage go into the host
+        copies, and every slot's contents are copied again. `refresh` calls it when a version
+        counter moved; `offload_compiler.reload_weights` for writes no counter sees."""
+        layers = self.plan.layers
+        units = [(layer, name) for layer in layers for name in layer.params]
+        for param, (layer, name) in zip(self._params, units, strict=True):
+            where = f"{self.plan.layers_path}.{layer.index}.{name}"
+            adopt_values(param, self._host[layer.position][name], where, self.device)
+        self._versions = self._param_versions()
+        log.info("offload: %s: weights changed; slots filled again", self.plan.layers_path)
+        self._order.copy_again()
+
+    def _param_versions(self) -> list[int]:
+        return [param._version for param in self._params]
+
+    def _copy(self, position: int, name: str) -> None:
+        self._slots[position][name].copy_(self._host[position][name], non_blocking=True)
+
+    def _poison(self, position: int, name: str) -> None:
+        """A kernel reading this slot after this point reads NaN (``poison_slots``)."""
+        slot = self._slots[position][name]
+        if slot.is_floating_point():
+            slot.fill_(float("nan"))
+
+    def _layer(self, layer_index: int) -> OffloadedLayer:
+        layer = self.plan.layer_at(layer_index)
+        if layer is None:
+            raise RuntimeError(f"layer {layer_index} of {self.plan.layers_path} is not offloaded")
+        return layer

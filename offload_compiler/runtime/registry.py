@@ -1,0 +1,93 @@
+"""The process-wide registries of runtimes and fetchers, which the custom ops find by id.
+
+A compiled graph names its runtime by an integer (no stream, event or host tensor may be an
+argument of an op), so runtimes live as long as the process; a model's ModuleList maps to its
+runtime weakly, so every compile of that model in this process shares one runtime.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, TypeVar
+
+import torch
+from torch import nn
+
+from .prefetcher import OffloadedStack, OffloadRuntime
+from .uva_fetcher import HostFetcher
+
+if TYPE_CHECKING:
+    from ..planning import OffloadPlan
+    from ..schedule import Schedule
+
+_T = TypeVar("_T")
+
+_RUNTIMES: list[OffloadRuntime] = []
+_BY_LAYER_LIST: weakref.WeakKeyDictionary[nn.ModuleList, OffloadRuntime] = (
+    weakref.WeakKeyDictionary()
+)
+_FETCHERS: list[HostFetcher] = []
+_FETCHER_OF_ROOT: weakref.WeakKeyDictionary[nn.Module, HostFetcher] = weakref.WeakKeyDictionary()
+
+
+def _registered(registry: list[_T], kind: str, index: int) -> _T:
+    """What a compiled graph names by ``index`` in ``registry``, with an error that says why
+    it may be missing."""
+    try:
+        return registry[index]
+    except IndexError:
+        raise RuntimeError(
+            f"offload {kind} {index} does not exist in this process: a compiled graph was "
+            "loaded from a cache without compiling its model here first"
+        ) from None
+
+
+def get_runtime(runtime_id: int) -> OffloadRuntime:
+    """The runtime a compiled graph names by id."""
+    return _registered(_RUNTIMES, "runtime", runtime_id)
+
+
+def runtime_for(layers: nn.ModuleList, plan: OffloadPlan, schedule: Schedule) -> OffloadRuntime:
+    """The runtime of ``layers``, created (weights moved to host, slots filled) on first use."""
+    runtime = _BY_LAYER_LIST.get(layers)
+    if runtime is None:
+        runtime = OffloadRuntime(len(_RUNTIMES), layers, plan, schedule)
+        _RUNTIMES.append(runtime)
+        _BY_LAYER_LIST[layers] = runtime
+    elif runtime.schedule.config_hash != schedule.config_hash or runtime.device != schedule.device:
+        raise ValueError(
+            f"{plan.layers_path} is already offloaded with another configuration or device "
+            f"({runtime.device}); one model can be offloaded one way per process"
+        )
+    else:
+        runtime.bind(layers)
+    return runtime
+
+
+def runtimes_of(model: nn.Module) -> list[OffloadRuntime]:
+    """The runtimes of ``model``'s offloaded ModuleLists."""
+    found = (_BY_LAYER_LIST.get(m) for m in model.modules() if isinstance(m, nn.ModuleList))
+    return [runtime for runtime in found if runtime is not None]
+
+
+def offloaded_stacks(model: nn.Module) -> list[OffloadedStack]:
+    """The ModuleLists of ``model`` the prefetch backend offloads in this process (known once
+    the compiled model was first called: the compile allocates the slots)."""
+    return [runtime.stack() for runtime in runtimes_of(model)]
+
+
+def get_fetcher(fetcher_id: int) -> HostFetcher:
+    """The fetcher a compiled graph names by id."""
+    return _registered(_FETCHERS, "fetcher", fetcher_id)
+
+
+def fetcher_for(root: nn.Module, hosts: list[torch.Tensor], device: torch.device) -> HostFetcher:
+    """The fetcher of ``root``'s UVA-offloaded parameters (``hosts``, in plan order)."""
+    fetcher = _FETCHER_OF_ROOT.get(root)
+    if fetcher is None:
+        fetcher = HostFetcher(len(_FETCHERS), hosts, device)
+        _FETCHERS.append(fetcher)
+        _FETCHER_OF_ROOT[root] = fetcher
+    elif [id(h) for h in fetcher.hosts] != [id(h) for h in hosts]:
+        raise ValueError("this model's parameters are already offloaded another way")
+    return fetcher

@@ -1,0 +1,83 @@
+"""What one compile will do, resolved once from the options, the Inductor mode and the device.
+
+Every choice that depends on more than one option is made here, and everything downstream
+(binding the graph's parameters to slots, the FX pass, the runtime, the Inductor call) reads the
+resulting `Schedule` instead of the options.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Literal
+
+import torch
+from torch._inductor import list_mode_options
+
+from .config import OffloadConfig
+from .runtime.counter_device import counters_available
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The resolved plan of one compile.
+
+    ``host_issued_copies``: the prefetch copies stay out of the CUDA graphs; the graphs order
+    them through counters in device memory and the host issues them after each replay
+    (`runtime.counter_order`). ``rejoin``: the graph joins its copy stream before it returns,
+    which a CUDA graph requires of copies it captures. ``staged_inputs``: inputs that cudagraph
+    trees would copy are staged so the graphs launch on a stream of their own
+    (`runtime.staging`).
+    """
+
+    backend: Literal["prefetch", "uva"] | None
+    device: torch.device
+    cudagraphs: bool
+    per_param: bool
+    host_issued_copies: bool
+    rejoin: bool
+    poison_slots: bool
+    config_hash: str
+    inductor_patches: MappingProxyType[str, Any]
+
+    @property
+    def staged_inputs(self) -> bool:
+        return self.cudagraphs and self.device.type == "cuda"
+
+
+def resolve(config: OffloadConfig, mode: str | None, device: torch.device) -> Schedule:
+    """The schedule of a compile of a graph whose parameters are on ``device``.
+
+    ``mode`` is what torch.compile passed (``config.mode`` wins: torch.compile refuses ``mode=``
+    together with ``options=``), mapped to Inductor's options as Inductor's own wrapper maps it.
+    """
+    patches = dict(list_mode_options(config.mode or mode or "default"))
+    cudagraphs = bool(patches.get("triton.cudagraphs", torch._inductor.config.triton.cudagraphs))
+    prefetch = config.prefetch
+    host_issued = cudagraphs and prefetch.offload_host_copies and not prefetch.offload_capturable
+    if host_issued and device.type == "cuda":
+        unavailable = counters_available(device)
+        if unavailable is not None:
+            log.info("offload: copies stay inside CUDA graphs (%s)", unavailable)
+            host_issued = False
+    host_issued = host_issued and device.type == "cuda"
+    if host_issued:
+        # one CUDA graph per compiled graph: a call is then a warm-up, a recording or a replay,
+        # never a replay followed by another piece's recording (which synchronizes the device
+        # before the replay's copies are issued)
+        patches["graph_partition"] = False
+    return Schedule(
+        backend=config.selected_backend,
+        device=device,
+        cudagraphs=cudagraphs,
+        per_param=prefetch.offload_per_param,
+        host_issued_copies=host_issued,
+        # with host-issued copies a CUDA graph holds no copy, so nothing needs joining at its end
+        rejoin=(cudagraphs and not host_issued) or prefetch.offload_capturable,
+        poison_slots=config.poison_slots,
+        config_hash=config.compute_hash(),
+        inductor_patches=MappingProxyType(patches),
+    )
