@@ -132,10 +132,8 @@ class PrefetchOffloadConfig(_FrozenConfig):
     offload_per_param: bool = True
     """Stream each parameter on its own: the copy of parameter j of the next layer of a slot
     starts as soon as this layer's last read of parameter j is done, and each parameter is
-    waited for right before its first read, so one slot behaves almost like two (the
-    copy engine no longer idles while an offloaded layer computes). On by default: on the H100
-    it was as fast or faster in every benchmark cell (docs/benchmarks.md); off gives one wait
-    and one start per layer.
+    waited for right before its first read, so one slot behaves almost like two. False gives
+    one wait and one start per layer (docs/configuration.md).
     """
 
     offload_capturable: bool = False
@@ -144,21 +142,18 @@ class PrefetchOffloadConfig(_FrozenConfig):
     started at its top rather than at this forward's end. The compiled model can then be
     captured into a CUDA graph outside Inductor, by ``torch.cuda.graph`` or by a serving
     framework's own CUDA-graph wrapper; without it such a capture fails with an error naming
-    this option.
-    ``mode="reduce-overhead"`` always uses this schedule. On the H100 at decode a model
-    captured by hand ran at its copy floor when nothing ran between its replays, 3-5% faster
-    than cudagraph trees; with a copy of new inputs on its stream before each replay it was as
-    fast as default mode in 6 of 8 processes and 4% slower in 2 (docs/benchmarks.md, sessions
-    7 and 8).
+    this option. ``mode="reduce-overhead"`` always uses this schedule. Replays of a graph
+    captured by hand run no Python: after changing weights, call
+    ``offload_compiler.reload_weights`` before the next replay.
     """
 
     offload_host_copies: bool = True
     """Under CUDA graphs (``mode="reduce-overhead"``), leave the prefetch copies out of the
     graphs: the host issues them on the copy stream after each replay, and counters in device
     memory order them with the graph's reads (a one-thread kernel where a read must wait, another
-    where a slot is free). Captured as memcpy nodes, the copies of some recordings ran 2-4%
-    slower on the H100 (docs/benchmarks.md, sessions 11 and 12). False captures the copies into
-    the graphs, joined before each graph ends. ``offload_capturable`` implies False (its graphs
+    where a slot is free); captured as memcpy nodes, the copies of some recordings ran slower
+    (docs/configuration.md). False captures the copies into the graphs, joined before each
+    graph ends. ``offload_capturable`` implies False (its graphs
     are replayed by their owner, with no host step to issue copies); no effect on CPU.
     """
 

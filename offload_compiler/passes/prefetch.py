@@ -23,6 +23,14 @@ from torch import fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from .. import ops
+from .anchors import (
+    anchor_test,
+    computed_tensors,
+    ensure_readers_follow,
+    live_after,
+    live_into,
+    reading_slots,
+)
 from .common import (
     Rewrite,
     UnsupportedGraphError,
@@ -106,10 +114,10 @@ def _find_spans(graph: fx.Graph, reads: dict[str, SlotRead], per_param: bool) ->
         params.setdefault(key, []).append(placeholders[name])
         target[key] = read
     order = _order(graph)
-    computed = _computed_tensors(graph)
+    computed = computed_tensors(graph)
     spans = []
     for key, nodes in params.items():
-        slot_reads = _slot_reads(computed, nodes, {storage_of(p) for p in nodes})
+        slot_reads = reading_slots(computed, nodes, {storage_of(p) for p in nodes})
         users = {user for node in slot_reads for user in node.users}
         if any(user.op == "output" for user in users):
             raise UnsupportedGraphError(
@@ -183,7 +191,7 @@ def _fence_spans(
     """``wait_prefetch`` right before each span's first node, and ``start_prefetch`` of the
     next unit of its slot right after its last node, or at the top of the graph (see
     `_starts_at_top`)."""
-    is_anchor = _anchor_test(input_storages)
+    is_anchor = anchor_test(input_storages)
     work = WorkEstimate(graph)
     span_start = {span.key: span.first for span in spans}
     started_after = _units_started_after(spans)
@@ -191,8 +199,8 @@ def _fence_spans(
     for span in spans:
         token = tokens[span.runtime_id]
         order = _order(graph)
-        live_in = _live_in(graph, span.first, span.last, order, is_anchor)
-        live_in = _ensure_readers_follow(graph, span, live_in, order)
+        live_in = live_into(graph, span.first, span.last, order, is_anchor)
+        live_in = ensure_readers_follow(graph, span, live_in, order)
         with graph.inserting_before(span.first):
             wait = graph.call_function(
                 ops.WAIT_PREFETCH,
@@ -208,7 +216,7 @@ def _fence_spans(
                     start = graph.call_function(ops.START_PREFETCH, ([token], *args))
                 top_of_graph[span.runtime_id] = start
             else:
-                live_out = _live_out(graph, span.readers, span.last, order, is_anchor)
+                live_out = live_after(graph, span.readers, span.last, order, is_anchor)
                 if not live_out:
                     raise UnsupportedGraphError(
                         f"nothing computed from offloaded layer {span.layer}'s weights is used "
@@ -243,148 +251,6 @@ def _join_before_output(graph: fx.Graph, tokens: dict[int, fx.Node], rejoin: boo
         join.meta["example_value"] = None
     (results,) = output.args
     output.args = ((*results, *tokens.values()),)
-
-
-_Computed = tuple[fx.Node, StorageWeakRef | None, list[fx.Node]]
-
-
-def _computed_tensors(graph: fx.Graph) -> list[_Computed]:
-    """Every node but the placeholders, in graph order, with the storage of its value and its
-    tensor inputs: what `_slot_reads` looks at, worked out once per graph rather than once per
-    layer and parameter."""
-    computed = []
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            continue
-        inputs = [
-            i for i in node.all_input_nodes if isinstance(i.meta.get("example_value"), torch.Tensor)
-        ]
-        computed.append((node, storage_of(node), inputs))
-    return computed
-
-
-def _slot_reads(
-    computed: list[_Computed], slots: list[fx.Node], storages: set[StorageWeakRef]
-) -> set[fx.Node]:
-    """Nodes whose values are the layer's slots or computed from them alone.
-
-    That is the slot placeholders, their views, and weight-only computations (a dtype cast of a
-    norm weight, say). Their users are the layer's readers; the span to fence runs from the
-    first to the last of those users, since Inductor may inline a weight-only computation into
-    any of them.
-    """
-    reads = set(slots)
-    for node, storage, inputs in computed:
-        if storage in storages or (inputs and all(i in reads for i in inputs)):
-            reads.add(node)
-    return reads
-
-
-def _anchor_test(input_storages: set[StorageWeakRef]):
-    """Whether a node may be declared mutated: a computed tensor that aliases no graph input."""
-
-    def is_anchor(node: fx.Node) -> bool:
-        storage = storage_of(node)
-        return (
-            node.op in ("call_function", "call_method", "call_module")
-            and storage is not None
-            and storage not in input_storages
-        )
-
-    return is_anchor
-
-
-def _live_in(graph, first: fx.Node, last: fx.Node, order, is_anchor) -> list[fx.Node]:
-    """Activations defined before ``first`` and used inside the span ``first..last``."""
-    start, end = order[first], order[last]
-    live = {}
-    for node in graph.nodes:
-        if start <= order[node] <= end:
-            for inp in node.all_input_nodes:
-                if order[inp] < start and is_anchor(inp):
-                    live[inp] = None
-    return list(live)
-
-
-def _ensure_readers_follow(
-    graph: fx.Graph, span: _Span, live_in: list[fx.Node], order: dict[fx.Node, int]
-) -> list[fx.Node]:
-    """Check every slot reader depends on the wait; clone graph inputs to anchor it if not.
-
-    A reader that depends on none of the wait's anchors could be scheduled before the wait.
-    Such a reader's activations come straight from graph inputs (e.g. the model input feeding
-    layer 0); an input cannot be an anchor, so the span reads a fresh clone of it instead.
-    """
-    first, last, readers = span.first, span.last, span.readers
-    if not _unordered_readers(graph, first, last, readers, live_in, order):
-        return live_in
-    span = [n for n in graph.nodes if order[first] <= order[n] <= order[last]]
-    inputs = {inp: None for node in span for inp in node.all_input_nodes if _is_user_input(inp)}
-    clones = []
-    for inp in inputs:
-        with graph.inserting_before(first):
-            clone = graph.call_function(torch.clone, (inp,))
-        example = inp.meta["example_value"]
-        with example.fake_mode:
-            clone.meta["example_value"] = torch.clone(example)
-        for node in span:
-            node.replace_input_with(inp, clone)
-        clones.append(clone)
-    live_in = [*live_in, *clones]
-    order.update({node: i for i, node in enumerate(graph.nodes)})
-    unordered = _unordered_readers(graph, first, last, readers, live_in, order)
-    if unordered:
-        raise UnsupportedGraphError(
-            "offloaded weights are used by computations that read no activation "
-            f"({', '.join(n.format_node() for n in unordered)}); such work cannot be ordered "
-            "after the weights arrive. Keep these parameters resident (offload_params)."
-        )
-    return live_in
-
-
-def _is_user_input(node: fx.Node) -> bool:
-    """A placeholder Dynamo made for a tensor input that is not a parameter."""
-    grapharg = node.meta.get("grapharg")
-    example = getattr(grapharg, "example", None)
-    return (
-        node.op == "placeholder"
-        and isinstance(example, torch.Tensor)
-        and not isinstance(example, torch.nn.Parameter)
-    )
-
-
-def _unordered_readers(graph, first, last, readers, live_in, order) -> list[fx.Node]:
-    depends = set(live_in)
-    for node in graph.nodes:
-        if order[first] <= order[node] <= order[last] and any(
-            inp in depends for inp in node.all_input_nodes
-        ):
-            depends.add(node)
-    return [r for r in readers if r not in depends]
-
-
-def _live_out(graph, readers, last: fx.Node, order, is_anchor) -> list[fx.Node]:
-    """Values up to ``last`` computed from the slot readers and still used after ``last``.
-
-    A value that is not a tensor (a tuple from split, say) is replaced by the tensors it was
-    computed from, since that is what its later users' views are rebuilt from.
-    """
-    end = order[last]
-    derived = set(readers)
-    for node in graph.nodes:
-        if order[node] > end:
-            break
-        if any(inp in derived for inp in node.all_input_nodes):
-            derived.add(node)
-    live: dict[fx.Node, None] = {}
-    pending = [n for n in derived if any(order[u] > end for u in n.users)]
-    while pending:
-        node = pending.pop()
-        if is_anchor(node):
-            live[node] = None
-        elif not isinstance(node.meta.get("example_value"), torch.Tensor):
-            pending.extend(inp for inp in node.all_input_nodes if inp in derived)
-    return sorted(live, key=order.__getitem__)
 
 
 def _unit_arg(param: str | None) -> tuple[str, ...]:

@@ -6,7 +6,7 @@ On the H100 some recordings of an offloaded model (of several of identical code 
 one or two) replay 3% slower at decode when any kernel precedes their launch on the same stream
 (that copy, a one-element fill, a serving loop's sampling), and as fast as default mode when
 launched back to back or from a stream of their own with the kernel on the caller's
-(docs/benchmarks.md, sessions 8 and 10). So here each such input is copied into a buffer of
+(docs/configuration.md). So here each such input is copied into a buffer of
 ours on the caller's stream, marked static (trees copy nothing), and the compiled graph is
 called on a stream that carries nothing but the graphs' launches and the waits that order them
 with the caller's stream.
