@@ -25,18 +25,20 @@ log = logging.getLogger(__name__)
 class Schedule:
     """The resolved plan of one compile.
 
-    ``host_issued_copies``: the prefetch copies stay out of the CUDA graphs; the graphs order
-    them through counters in device memory and the host issues them after each replay
-    (`runtime.counter_order`). ``rejoin``: the graph joins its copy stream before it returns,
-    which a CUDA graph requires of copies it captures. ``staged_inputs``: inputs that cudagraph
-    trees would copy are staged so the graphs launch on a stream of their own
-    (`runtime.staging`).
+    ``counter_ordering``: the runtime orders its copies with counters in device memory
+    (`runtime.counter_order`) rather than events, in every mode, so that compiles of one model
+    in several modes share one runtime. ``host_issued_copies``: this compile's CUDA graphs hold
+    no copy; the host issues them after each replay. ``rejoin``: the graph joins its copy
+    stream before it returns, which a CUDA graph requires of copies it captures.
+    ``staged_inputs``: inputs that cudagraph trees would copy are staged so the graphs launch
+    on a stream of their own (`runtime.staging`).
     """
 
     backend: Literal["prefetch", "uva"] | None
     device: torch.device
     cudagraphs: bool
     per_param: bool
+    counter_ordering: bool
     host_issued_copies: bool
     rejoin: bool
     poison_slots: bool
@@ -57,13 +59,13 @@ def resolve(config: OffloadConfig, mode: str | None, device: torch.device) -> Sc
     patches = dict(list_mode_options(config.mode or mode or "default"))
     cudagraphs = bool(patches.get("triton.cudagraphs", torch._inductor.config.triton.cudagraphs))
     prefetch = config.prefetch
-    host_issued = cudagraphs and prefetch.offload_host_copies and not prefetch.offload_capturable
-    if host_issued and device.type == "cuda":
-        unavailable = counters_available(device)
-        if unavailable is not None:
-            log.info("offload: copies stay inside CUDA graphs (%s)", unavailable)
-            host_issued = False
-    host_issued = host_issued and device.type == "cuda"
+    counters = (
+        device.type == "cuda" and prefetch.offload_host_copies and not prefetch.offload_capturable
+    )
+    if counters and (unavailable := counters_available(device)) is not None:
+        log.info("offload: copies stay inside CUDA graphs (%s)", unavailable)
+        counters = False
+    host_issued = cudagraphs and counters
     if host_issued:
         # one CUDA graph per compiled graph: a call is then a warm-up, a recording or a replay,
         # never a replay followed by another piece's recording (which synchronizes the device
@@ -74,6 +76,7 @@ def resolve(config: OffloadConfig, mode: str | None, device: torch.device) -> Sc
         device=device,
         cudagraphs=cudagraphs,
         per_param=prefetch.offload_per_param,
+        counter_ordering=counters,
         host_issued_copies=host_issued,
         # with host-issued copies a CUDA graph holds no copy, so nothing needs joining at its end
         rejoin=(cudagraphs and not host_issued) or prefetch.offload_capturable,

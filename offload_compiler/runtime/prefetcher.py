@@ -68,7 +68,7 @@ class OffloadRuntime:
         poison = self._poison if schedule.poison_slots else None
         if self.device.type != "cuda":
             self._order: SyncOrder | CounterOrder = SyncOrder(plan, self._copy)
-        elif schedule.host_issued_copies:
+        elif schedule.counter_ordering:
             self._order = CounterOrder(plan, self._copy, self.device, poison)
         else:
             self._order = EventOrder(plan, self._copy, self.device, poison)
