@@ -182,12 +182,10 @@ GPU_CHANGES = [
 ]
 
 
-def _gpu_models() -> tuple[nn.Module, nn.Module, dict]:
-    torch.manual_seed(0)
-    model = LlamaShaped(layers=8, dim=256, heads=8, kv_heads=4, hidden=512, vocab=VOCAB).cuda()
-    torch.manual_seed(1)
-    other = LlamaShaped(layers=8, dim=256, heads=8, kv_heads=4, hidden=512, vocab=VOCAB).cuda()
-    return model.requires_grad_(False), other.requires_grad_(False), prefetch_options(1, 1, 1)
+def _gpu_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = LlamaShaped(layers=4, dim=256, heads=8, kv_heads=4, hidden=512, vocab=VOCAB)
+    return model.cuda().requires_grad_(False)
 
 
 def _with(options: dict, schedule: dict) -> dict:
@@ -199,29 +197,32 @@ def _with(options: dict, schedule: dict) -> dict:
 
 @cuda
 @pytest.mark.parametrize("schedule", list(GPU_SCHEDULES))
-@pytest.mark.parametrize("change", GPU_CHANGES)
-def test_gpu_first_call_after_a_change_uses_the_new_weights(change, schedule):
-    """Every layer offloaded, one slot (#27's case), in every CUDA schedule."""
-    model, other, options = _gpu_models()
-    compiled = torch.compile(
-        model, backend="offload", options=_with(options, GPU_SCHEDULES[schedule])
-    )
+def test_gpu_first_call_after_each_change_uses_the_new_weights(schedule):
+    """Every layer offloaded, one slot (#27's case), in every CUDA schedule: one compiled model
+    goes through each way of changing weights in turn, to alternating weights, and the first
+    call after each change (a replay, where the schedule records CUDA graphs) uses them."""
+    model, others = _gpu_model(0), [_gpu_model(1), _gpu_model(2)]
+    options = _with(prefetch_options(1, 1, 1), GPU_SCHEDULES[schedule])
+    compiled = torch.compile(model, backend="offload", options=options)
     ids = torch.randint(0, VOCAB, (1, 16), device="cuda")
     with torch.no_grad():
         for _ in range(4):  # compile, warm up, record, replay
             compiled(ids)
-        expected = other(ids)
-        CHANGES[change](model, other)
-        for call in range(3):
-            diff = (compiled(ids).clone() - expected).abs().max().item()
-            assert diff <= 1e-3, f"call {call} after {change}: max |diff| {diff}"
+        for turn, change in enumerate(GPU_CHANGES):
+            other = others[turn % 2]
+            expected = other(ids)
+            CHANGES[change](model, other)
+            for call in range(2):
+                diff = (compiled(ids).clone() - expected).abs().max().item()
+                assert diff <= 1e-3, f"call {call} after {change}: max |diff| {diff}"
 
 
 @cuda
 def test_gpu_hand_captured_graph_replays_new_weights_after_reload_weights():
     """Replays of a graph captured by hand run no Python: the capture warns, naming the call
     that makes the next replay read changed weights."""
-    model, other, options = _gpu_models()
+    model, other = _gpu_model(0), _gpu_model(1)
+    options = prefetch_options(1, 1, 1)
     options["prefetch"]["offload_capturable"] = True
     compiled = torch.compile(model, backend="offload", options=options)
     ids = torch.randint(0, VOCAB, (1, 16), device="cuda")
