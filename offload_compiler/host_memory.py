@@ -17,6 +17,7 @@ a few power-of-two blocks (`plan_pinned_blocks`), which lose only their unfilled
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -174,6 +175,13 @@ def mark_offloaded(param: torch.Tensor) -> None:
     its changes through ``.data`` are then seen only by `offload_compiler.reload_weights`)."""
     if type(param) is nn.Parameter:
         param.__class__ = OffloadedParameter
+    elif not isinstance(param, OffloadedParameter):
+        warnings.warn(
+            f"offload: a parameter of class {type(param).__qualname__} is offloaded as it is: "
+            "the compiled model does not notice writes through its .data; after such writes, "
+            "call offload_compiler.reload_weights(model)",
+            stacklevel=2,
+        )
 
 
 def host_copy(param: torch.Tensor) -> torch.Tensor | None:

@@ -238,3 +238,17 @@ def test_gpu_hand_captured_graph_replays_new_weights_after_reload_weights():
         offload_compiler.reload_weights(model)
         graph.replay()
         torch.testing.assert_close(out.clone(), other(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_a_parameter_subclass_is_offloaded_with_a_warning_naming_reload_weights():
+    """Its ``.data`` keeps its own class's meaning, so writes through it go unseen: the
+    offloading says so, naming the call that covers them."""
+    from offload_compiler.host_memory import offload_parameters
+
+    class Tagged(nn.Parameter):
+        pass
+
+    param = Tagged(torch.randn(4, 4), requires_grad=False)
+    with pytest.warns(UserWarning, match=r"Tagged.*reload_weights"):
+        offload_parameters([param], torch.device("cpu"))
+    assert type(param) is Tagged
