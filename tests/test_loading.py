@@ -1,0 +1,143 @@
+"""Loading a safetensors checkpoint straight into the offloaded placement (CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from offload_compiler.host_memory import host_copy
+from offload_compiler.loading import CheckpointError, init_empty_weights, load_checkpoint
+from tests.common import prefetch_options
+from tests.models import LlamaShaped
+
+SIZES = {"layers": 4, "dim": 32, "heads": 4, "kv_heads": 2, "hidden": 64, "vocab": 64}
+
+
+def _source() -> LlamaShaped:
+    torch.manual_seed(0)
+    return LlamaShaped(**SIZES).eval()
+
+
+def _empty() -> LlamaShaped:
+    with init_empty_weights():
+        return LlamaShaped(**SIZES).eval()
+
+
+def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def test_a_loaded_model_equals_the_saved_one_and_runs_offloaded(tmp_path):
+    source = _source()
+    save_file(_tensors(source), tmp_path / "model.safetensors")
+    options = prefetch_options(2, 1, 1)
+    model = load_checkpoint(_empty(), tmp_path, options, "cpu")
+    for name, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    offloaded = model.layers[1].q_proj.weight
+    assert host_copy(offloaded) is not None  # the backend finds the host copy made here
+    assert type(offloaded).__name__ == "OffloadedParameter"
+    assert host_copy(model.layers[0].q_proj.weight) is None  # resident
+    compiled = torch.compile(model, backend="offload", options=options)
+    ids = torch.randint(0, SIZES["vocab"], (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids), source(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_shards_named_by_an_index_load_like_one_file(tmp_path):
+    source = _source()
+    tensors = _tensors(source)
+    names = sorted(tensors)
+    shards = {"a.safetensors": names[: len(names) // 2], "b.safetensors": names[len(names) // 2 :]}
+    for file, part in shards.items():
+        save_file({n: tensors[n] for n in part}, tmp_path / file)
+    weight_map = {n: file for file, part in shards.items() for n in part}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    model = load_checkpoint(_empty(), tmp_path, prefetch_options(1, 1, 1), "cpu")
+    assert all(torch.equal(model.state_dict()[n], v) for n, v in tensors.items())
+
+
+def test_tied_weights_stay_tied_from_one_stored_name(tmp_path):
+    source = _source()
+    source.lm_head.weight = source.embed_tokens.weight
+    tensors = _tensors(source)
+    del tensors["lm_head.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    model = _empty()
+    model.lm_head.weight = model.embed_tokens.weight
+    load_checkpoint(model, tmp_path, prefetch_options(2, 1, 1), "cpu")
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert torch.equal(model.lm_head.weight, source.embed_tokens.weight)
+
+
+def test_a_requested_dtype_converts_floating_point_tensors(tmp_path):
+    save_file(_tensors(_source()), tmp_path / "model.safetensors")
+    model = load_checkpoint(_empty(), tmp_path, prefetch_options(2, 1, 1), "cpu", torch.float64)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert torch.equal(model.layers[1].q_proj.weight, _source().layers[1].q_proj.weight.double())
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("missing", r"missing from the checkpoint: layers\.2\.up_proj\.weight"),
+        ("unexpected", r"not in the model: extra\.weight"),
+        ("shape", r"shapes differ: norm\.weight: stored \[31\], model \[32\]"),
+    ],
+)
+def test_a_mismatch_is_named_before_the_model_is_touched(tmp_path, damage, message):
+    tensors = _tensors(_source())
+    if damage == "missing":
+        del tensors["layers.2.up_proj.weight"]
+    elif damage == "unexpected":
+        tensors["extra.weight"] = torch.zeros(3)
+    else:
+        tensors["norm.weight"] = torch.zeros(31)
+    save_file(tensors, tmp_path / "model.safetensors")
+    model = _empty()
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(model, tmp_path, prefetch_options(2, 1, 1), "cpu")
+    assert all(p.is_meta for p in model.parameters())  # nothing half-placed
+
+
+@pytest.mark.parametrize("cut", ["data", "header"])
+def test_a_truncated_or_corrupt_file_is_named(tmp_path, cut):
+    file = tmp_path / "model.safetensors"
+    save_file(_tensors(_source()), file)
+    raw = file.read_bytes()
+    file.write_bytes(raw[:-100] if cut == "data" else raw[:8] + b"{not json" + raw[17:])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*(truncated|corrupt)"):
+        load_checkpoint(_empty(), tmp_path, prefetch_options(2, 1, 1), "cpu")
+
+
+def test_a_directory_without_a_checkpoint_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match="no safetensors checkpoint"):
+        load_checkpoint(_empty(), tmp_path, prefetch_options(2, 1, 1), "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_load_puts_offloaded_weights_in_pinned_memory_and_only_the_rest_on_the_gpu(tmp_path):
+    source = _source().to(torch.bfloat16)
+    save_file(_tensors(source), tmp_path / "model.safetensors")
+    options = prefetch_options(2, 1, 1)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    model = load_checkpoint(_empty(), tmp_path, options, "cuda")
+    torch.cuda.synchronize()
+    offloaded = [p for i in (1, 3) for p in model.layers[i].parameters()]
+    resident = [p for p in model.parameters() if all(p is not q for q in offloaded)]
+    used, resident_bytes = torch.cuda.memory_allocated() - before, sum(p.nbytes for p in resident)
+    assert resident_bytes <= used <= resident_bytes + 512 * len(resident)  # allocator rounding
+    for param in offloaded:
+        host = host_copy(param)
+        assert host.is_pinned() and host.data_ptr() == param.data_ptr()
+        assert param.device.type == "cuda"
+    reference = source.cuda()
+    compiled = torch.compile(model, backend="offload", options=options)
+    ids = torch.randint(0, SIZES["vocab"], (1, 16), device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids), reference(ids), rtol=1e-2, atol=1e-2)
