@@ -15,13 +15,10 @@ unexpected or mismatched tensor, or a truncated file, fails before the model is 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import struct
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,33 +28,24 @@ from tqdm.auto import tqdm
 
 from .config import OffloadConfig
 from .discovery import layer_list_of
-from .host_memory import _HOST_COPIES, PinnedArena, cuda_view_of_pinned, mark_offloaded
+from .host_memory import (
+    _HOST_COPIES,
+    PinnedArena,
+    cuda_view_of_pinned,
+    mark_offloaded,
+    plan_pinned_blocks,
+)
 from .planning import plan_prefetch, plan_uva, shared_parameters
+from .safetensors_files import (
+    STAGING_BYTES,
+    CheckpointError,
+    Staging,
+    StoredTensor,
+    checkpoint_files,
+    read_index,
+)
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
-_STAGING_BYTES = 64 * 2**20  # what one read into the staging buffer moves at most
-
-
-class CheckpointError(ValueError):
-    """The checkpoint does not match the model, or a file is damaged."""
-
-
-@dataclass(frozen=True)
-class StoredTensor:
-    """Where one tensor lies in a safetensors file."""
-
-    file: Path
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    offset: int  # of its first byte in the file
-    nbytes: int
 
 
 @contextlib.contextmanager
@@ -78,71 +66,6 @@ def init_empty_weights() -> Iterator[None]:
         nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
-def checkpoint_files(path: str | os.PathLike[str]) -> list[Path]:
-    """The safetensors files of a checkpoint: ``path`` itself, or in the directory ``path`` the
-    shards its ``model.safetensors.index.json`` names, or its ``model.safetensors``."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{index}: not a safetensors index ({err})") from None
-        files = [path / name for name in dict.fromkeys(weight_map.values())]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"{index} names shards that do not exist: {missing}")
-        return files
-    single = path / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise CheckpointError(
-        f"{path}: no safetensors checkpoint (a .safetensors file, or a directory with "
-        "model.safetensors or model.safetensors.index.json)"
-    )
-
-
-def read_index(files: list[Path]) -> dict[str, StoredTensor]:
-    """Every tensor of ``files`` by name, from their headers, each checked against its file's
-    size (a truncated or corrupt file is named)."""
-    stored: dict[str, StoredTensor] = {}
-    for file in files:
-        size = file.stat().st_size
-        with file.open("rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{file}: truncated (no safetensors header)")
-            (length,) = struct.unpack("<Q", raw)
-            if length > size - 8:
-                raise CheckpointError(f"{file}: truncated or corrupt (header of {length} bytes)")
-            try:
-                header = json.loads(f.read(length))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise CheckpointError(f"{file}: corrupt safetensors header ({err})") from None
-        data = 8 + length
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            dtype = _DTYPES.get(entry.get("dtype"))
-            if dtype is None:
-                raise CheckpointError(f"{file}: {name} has unsupported dtype {entry.get('dtype')}")
-            begin, end = entry["data_offsets"]
-            shape = tuple(entry["shape"])
-            nbytes = dtype.itemsize * _numel(shape)
-            if end - begin != nbytes or data + end > size:
-                raise CheckpointError(
-                    f"{file}: {name} lies outside the file or has the wrong length "
-                    f"(bytes {begin}-{end} for {nbytes}; the file holds {size - data}): "
-                    "truncated or corrupt"
-                )
-            if name in stored:
-                raise CheckpointError(f"{name} is stored twice ({stored[name].file}, {file})")
-            stored[name] = StoredTensor(file, dtype, shape, data + begin, nbytes)
-    return stored
-
-
 @torch.no_grad()
 def load_checkpoint(
     model: nn.Module,
@@ -150,11 +73,13 @@ def load_checkpoint(
     options: OffloadConfig | Mapping[str, Any] | None = None,
     device: torch.device | str = "cuda",
     dtype: torch.dtype | None = None,
+    report: dict[str, float] | None = None,
 ) -> nn.Module:
     """Fill ``model`` (parameters on the meta device) from ``checkpoint``, placed as
     `place_model` places it for ``options``: offloaded parameters in pinned host memory, the
     rest on ``device``. ``dtype`` converts floating-point tensors (default: as stored).
-    Returns ``model``."""
+    Returns ``model``; ``report``, if given, receives the figures of the INFO summary (bytes,
+    seconds, GB/s, host and GPU peaks during the load)."""
     config = OffloadConfig.from_options(options)
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
@@ -173,8 +98,17 @@ def load_checkpoint(
         for p, d in zip(arena_params, targets, strict=True)
     ]
     pinned = device.type == "cuda"
+    resident = [p for _, p in params if id(p) not in offloaded]
+    resident_bytes = sum(
+        p.numel() * _target_dtype(stored[sources[id(p)]].dtype, dtype).itemsize for p in resident
+    )
+    host_needed = sum(plan_pinned_blocks([_nbytes(t) for t in shapes]).block_bytes)
+    if not pinned:
+        host_needed = sum(_nbytes(t) for t in shapes) + resident_bytes
+    _check_memory(host_needed + STAGING_BYTES, resident_bytes if pinned else 0, device)
+    peaks = _Peaks(device)
     arena = PinnedArena(shapes) if pinned else None
-    staging = _Staging(pinned)
+    staging = Staging(pinned)
     holders = _holders(model)
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading", leave=False) as bar:
         for position, param in enumerate(arena_params):
@@ -189,9 +123,7 @@ def load_checkpoint(
             _HOST_COPIES[new] = host
             mark_offloaded(new)
             bar.update(entry.nbytes)
-        for _, param in params:
-            if id(param) in offloaded:
-                continue
+        for param in resident:
             entry = stored[sources[id(param)]]
             value = torch.empty(param.shape, dtype=_target_dtype(entry.dtype, dtype), device=device)
             staging.read_into(entry, value)
@@ -203,57 +135,87 @@ def load_checkpoint(
     if config.selected_backend == "prefetch":
         layer_list_of(model, config.layers_path)  # remembered for the new Parameters
     seconds = time.perf_counter() - start
-    host_bytes = sum(a.nbytes for a in arena.blocks) if arena is not None else 0
+    host_peak, gpu_peak = peaks.read()
+    figures = {
+        "bytes": total,
+        "seconds": seconds,
+        "GBps": total / seconds / 1e9,
+        "host_peak_bytes": host_peak,
+        "gpu_peak_bytes": gpu_peak,
+    }
+    if report is not None:
+        report.update(figures)
     log.info(
-        "offload: loaded %.1f MiB from %d file(s) in %.2f s (%.2f GB/s): %d tensors, %.1f MiB "
-        "offloaded to %s host memory, the rest on %s",
-        total / 2**20, len(files), seconds, total / seconds / 1e9, len(params),
-        host_bytes / 2**20 if pinned else sum(p.nbytes for p in arena_params) / 2**20,
-        "pinned" if pinned else "CPU", device,
+        "offload: loaded %.1f MiB from %d file(s) in %.2f s (%.2f GB/s); %d tensors, %.1f MiB "
+        "offloaded to %s host memory, the rest on %s; peaks during the load: host +%.1f MiB, "
+        "GPU %.1f MiB",
+        total / 2**20, len(files), seconds, figures["GBps"], len(params),
+        host_needed / 2**20 if pinned else sum(_nbytes(t) for t in shapes) / 2**20,
+        "pinned" if pinned else "CPU", device, host_peak / 2**20, gpu_peak / 2**20,
     )  # fmt: skip
     return model
 
 
-class _Staging:
-    """Reads file bytes into a tensor: straight into its memory where it is host memory of the
-    stored dtype, else through one reused (pinned, on CUDA) buffer, chunk by chunk."""
-
-    def __init__(self, pinned: bool) -> None:
-        self._buffer = torch.empty(_STAGING_BYTES, dtype=torch.uint8, pin_memory=pinned)
-
-    def read_into(self, entry: StoredTensor, dst: torch.Tensor) -> None:
-        with entry.file.open("rb", buffering=0) as f:
-            f.seek(entry.offset)
-            if dst.device.type == "cpu" and dst.dtype == entry.dtype and dst.is_contiguous():
-                _read_exactly(f, dst.view(-1).view(torch.uint8).numpy(), entry)
-                return
-            flat = dst.view(-1)
-            itemsize = entry.dtype.itemsize
-            per_chunk = _STAGING_BYTES // itemsize
-            for begin in range(0, flat.numel(), per_chunk):
-                count = min(per_chunk, flat.numel() - begin)
-                chunk = self._buffer[: count * itemsize]
-                _read_exactly(f, chunk.numpy(), entry)
-                flat[begin : begin + count].copy_(chunk.view(entry.dtype))
-            if dst.device.type == "cuda":
-                torch.cuda.current_stream(dst.device).synchronize()  # the buffer is reused
+def _available_host_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (None where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
-def _read_exactly(f: Any, into: Any, entry: StoredTensor) -> None:
-    view = memoryview(into).cast("B")
-    done = 0
-    while done < len(view):
-        n = f.readinto(view[done:])
-        if not n:
-            raise CheckpointError(f"{entry.file}: ended early while reading (truncated)")
-        done += n
+def _check_memory(host_needed: int, gpu_needed: int, device: torch.device) -> None:
+    """Refuse a load that cannot fit, before anything is allocated."""
+    available = _available_host_bytes()
+    if available is not None and host_needed > available:
+        raise MemoryError(
+            f"not enough host memory to load this checkpoint: it needs {host_needed / 2**30:.2f} "
+            f"GiB (the offloaded part, and a staging buffer), {available / 2**30:.2f} GiB are "
+            "available"
+        )
+    if device.type == "cuda" and gpu_needed:
+        free, _ = torch.cuda.mem_get_info(device)
+        if gpu_needed > free:
+            raise MemoryError(
+                f"not enough GPU memory on {device} for the resident part: it needs "
+                f"{gpu_needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free; offload more "
+                "layers"
+            )
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
+class _Peaks:
+    """Peak host memory (resident set above its level at the start) and peak GPU memory
+    allocated, from now until `read`."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._device = device
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts here
+        self._rss = _status_bytes("VmRSS")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def read(self) -> tuple[int, int]:
+        host = max(0, _status_bytes("VmHWM") - self._rss)
+        gpu = torch.cuda.max_memory_allocated(self._device) if self._device.type == "cuda" else 0
+        return host, gpu
+
+
+def _status_bytes(field: str) -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def _target_dtype(stored: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
