@@ -10,7 +10,7 @@ from torch._dynamo.backends import registry as _registry
 from . import ops  # noqa: F401  (registers the custom ops before any compiled graph runs)
 from .backend import offload_backend
 from .config import OffloadConfig, PrefetchOffloadConfig, UVAOffloadConfig
-from .loading import init_empty_weights, load_checkpoint
+from .loading import from_pretrained, init_empty_weights, load_checkpoint
 from .placement import place_model, reload_weights
 from .runtime.prefetcher import OffloadedStack
 from .runtime.registry import offloaded_stacks
@@ -20,6 +20,7 @@ __all__ = [
     "OffloadedStack",
     "PrefetchOffloadConfig",
     "UVAOffloadConfig",
+    "from_pretrained",
     "init_empty_weights",
     "load_checkpoint",
     "offload_backend",
