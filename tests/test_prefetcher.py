@@ -63,3 +63,30 @@ def test_not_offloaded_layer_is_an_error():
     runtime = runtime_for(model.blocks, plan, cpu_schedule(config))
     with pytest.raises(RuntimeError, match="layer 0 of blocks is not offloaded"):
         runtime.wait(0)
+
+
+def test_dropping_a_compiled_model_frees_its_runtime():
+    """The registry and the runtime hold the model weakly: once the model and its compiled
+    callable are dropped, Dynamo drops the graphs that guard its parameters, and with them the
+    runtime, its slots and its host copies."""
+    import gc
+    import weakref
+
+    from offload_compiler.runtime import registry
+
+    model = MLPStack(layers=4, dim=16)
+    compiled = torch.compile(
+        model, backend="offload", options={"prefetch": {"offload_group_size": 2}}
+    )
+    with torch.no_grad():
+        compiled(torch.randn(2, 16))
+    runtime = registry._BY_LAYER_LIST[model.blocks]
+    freed = weakref.ref(runtime)
+    slot = weakref.ref(runtime.slot_tensors(1)["fc.weight"])
+    runtime_id = runtime.id
+    del model, compiled, runtime
+    for _ in range(2):  # Dynamo's cache entries first, then the runtime's own cycles
+        gc.collect()
+    assert freed() is None and slot() is None
+    with pytest.raises(RuntimeError, match="its model was dropped"):
+        get_runtime(runtime_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -54,8 +55,12 @@ class OffloadRuntime:
         self.schedule = schedule
         self.device = schedule.device
         self.pool = SlotPool(plan.num_slots, self.device)
-        self._params = plan.parameters(layers)
-        hosts = iter(offload_parameters(self._params, self.device))  # packed into pinned blocks
+        params = plan.parameters(layers)
+        hosts = iter(offload_parameters(params, self.device))  # packed into pinned blocks
+        # weakly: a runtime must not keep its model's parameters (and so Dynamo's compiled
+        # graphs, which it drops once the parameters they guard are gone) alive
+        self._layers = weakref.ref(layers)
+        self._params = [weakref.ref(p) for p in params]
         self._host: list[dict[str, torch.Tensor]] = []
         self._slots: list[dict[str, torch.Tensor]] = []
         for layer in plan.layers:
@@ -121,20 +126,23 @@ class OffloadRuntime:
             self.reload()
 
     def bind(self, layers: nn.ModuleList) -> None:
-        """Called at each compile: take the Parameters ``layers`` hold now (a new compile
-        follows ``load_state_dict(assign=True)``, which makes new ones) as the offloaded ones."""
+        """Take the Parameters ``layers`` hold now as the offloaded ones, if they are others
+        (``load_state_dict(assign=True)`` makes new ones; a compile follows it)."""
         params = self.plan.parameters(layers)
-        if any(new is not old for new, old in zip(params, self._params, strict=True)):
-            self._params = params
+        if any(new is not old() for new, old in zip(params, self._params, strict=True)):
+            self._params = [weakref.ref(p) for p in params]
             self.reload()
 
     def reload(self) -> None:
         """Re-read every offloaded parameter: values given in other storage go into the host
         copies, and every slot's contents are copied again. `refresh` calls it when a version
         counter moved; `offload_compiler.reload_weights` for writes no counter sees."""
-        layers = self.plan.layers
-        units = [(layer, name) for layer in layers for name in layer.params]
-        for param, (layer, name) in zip(self._params, units, strict=True):
+        if any(ref() is None for ref in self._params) and (layers := self._layers()) is not None:
+            self._params = [weakref.ref(p) for p in self.plan.parameters(layers)]
+        units = [(layer, name) for layer in self.plan.layers for name in layer.params]
+        for ref, (layer, name) in zip(self._params, units, strict=True):
+            if (param := ref()) is None:
+                continue  # the model is gone
             where = f"{self.plan.layers_path}.{layer.index}.{name}"
             adopt_values(param, self._host[layer.position][name], where, self.device)
         self._versions = self._param_versions()
@@ -142,7 +150,9 @@ class OffloadRuntime:
         self._order.copy_again()
 
     def _param_versions(self) -> list[int]:
-        return [param._version for param in self._params]
+        """One integer per offloaded parameter (-1 for one that is gone: replaced by a new
+        Parameter, which the next `reload` takes from the layers)."""
+        return [-1 if (param := ref()) is None else param._version for ref in self._params]
 
     def _copy(self, position: int, name: str) -> None:
         self._slots[position][name].copy_(self._host[position][name], non_blocking=True)

@@ -1,8 +1,10 @@
 """The process-wide registries of runtimes and fetchers, which the custom ops find by id.
 
 A compiled graph names its runtime by an integer (no stream, event or host tensor may be an
-argument of an op), so runtimes live as long as the process; a model's ModuleList maps to its
-runtime weakly, so every compile of that model in this process shares one runtime.
+argument of an op). The registry holds runtimes weakly: a runtime lives as long as its model's
+ModuleList and the compiled graphs that read it, so dropping a model (and its compiled graphs,
+which Dynamo drops once the guarded parameters are gone) frees its slots, its pinned host
+memory and its copy stream. Every compile of one model in a process shares one runtime.
 """
 
 from __future__ import annotations
@@ -22,24 +24,24 @@ if TYPE_CHECKING:
 
 _T = TypeVar("_T")
 
-_RUNTIMES: list[OffloadRuntime] = []
+_RUNTIMES: list[weakref.ref[OffloadRuntime]] = []
 _BY_LAYER_LIST: weakref.WeakKeyDictionary[nn.ModuleList, OffloadRuntime] = (
     weakref.WeakKeyDictionary()
 )
-_FETCHERS: list[HostFetcher] = []
+_FETCHERS: list[weakref.ref[HostFetcher]] = []
 _FETCHER_OF_ROOT: weakref.WeakKeyDictionary[nn.Module, HostFetcher] = weakref.WeakKeyDictionary()
 
 
-def _registered(registry: list[_T], kind: str, index: int) -> _T:
+def _registered(registry: list[weakref.ref[_T]], kind: str, index: int) -> _T:
     """What a compiled graph names by ``index`` in ``registry``, with an error that says why
     it may be missing."""
-    try:
-        return registry[index]
-    except IndexError:
+    found = registry[index]() if index < len(registry) else None
+    if found is None:
         raise RuntimeError(
-            f"offload {kind} {index} does not exist in this process: a compiled graph was "
-            "loaded from a cache without compiling its model here first"
-        ) from None
+            f"offload {kind} {index} does not exist in this process: its model was dropped, or "
+            "a compiled graph was loaded from a cache without compiling its model here first"
+        )
+    return found
 
 
 def get_runtime(runtime_id: int) -> OffloadRuntime:
@@ -52,7 +54,7 @@ def runtime_for(layers: nn.ModuleList, plan: OffloadPlan, schedule: Schedule) ->
     runtime = _BY_LAYER_LIST.get(layers)
     if runtime is None:
         runtime = OffloadRuntime(len(_RUNTIMES), layers, plan, schedule)
-        _RUNTIMES.append(runtime)
+        _RUNTIMES.append(weakref.ref(runtime))
         _BY_LAYER_LIST[layers] = runtime
     elif runtime.schedule.config_hash != schedule.config_hash or runtime.device != schedule.device:
         raise ValueError(
@@ -86,7 +88,7 @@ def fetcher_for(root: nn.Module, hosts: list[torch.Tensor], device: torch.device
     fetcher = _FETCHER_OF_ROOT.get(root)
     if fetcher is None:
         fetcher = HostFetcher(len(_FETCHERS), hosts, device)
-        _FETCHERS.append(fetcher)
+        _FETCHERS.append(weakref.ref(fetcher))
         _FETCHER_OF_ROOT[root] = fetcher
     elif [id(h) for h in fetcher.hosts] != [id(h) for h in hosts]:
         raise ValueError("this model's parameters are already offloaded another way")
