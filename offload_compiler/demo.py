@@ -1,230 +1,171 @@
-"""End-to-end demo of the ``offload`` backend on a Llama-shaped decoder.
+"""The user's journey end to end: a checkpoint on disk, loaded offloaded, generating text.
 
-Run ``python -m offload_compiler.demo`` (``--help`` lists the knobs). It builds one model on the
-CPU and a deep copy of it as the reference, places the model with `place_model` (offloaded
-layers' weights to pinned host memory, the rest to the device) and compiles it with
-``backend="offload"``, moves the reference to the device whole and compiles it with plain
-``torch.compile`` in the same mode, then checks that both give the same logits on the same
-token ids, times both, and prints what was offloaded and the GPU memory each took.
+Run ``python -m offload_compiler.demo`` (``--help`` lists the knobs; it needs transformers).
+Without ``--checkpoint`` it first writes a random-weight Llama checkpoint (safetensors shards,
+as ``save_pretrained`` writes them) under ``--cache-dir``, once. Then it:
 
-On a CUDA machine the default is a ~1.8 GB bf16 model under ``reduce-overhead``; on a CPU-only
-machine a small fp32 model, where the same rewritten graph runs with synchronous copies into
-the slots (a correctness check). Exits with status 1 if the outputs differ.
+  1. loads the checkpoint straight into its offloaded placement (`from_pretrained`: offloaded
+     layers into pinned host memory, the rest to the device) and compares the load's speed
+     with a plain read of the same files;
+  2. compiles the model's forward with ``backend="offload"`` and generates greedily;
+  3. loads the same checkpoint whole onto the device (transformers' ``from_pretrained``),
+     compiles it with plain ``torch.compile`` and generates from the same prompt;
+  4. checks that both produced the same tokens, and prints tokens/s, the GPU memory the
+     offloading saved and the host memory it used.
+
+On a CUDA machine the default model is ~1.8 GB in bf16; on a CPU-only machine a small fp32
+one, where offloading runs with synchronous copies (a correctness check). Exits with status 1
+if the tokens differ.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
+import hashlib
+import json
 import logging
-import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
 
 import torch
-from pydantic import ValidationError
 from torch import nn
 
-from .config import OffloadConfig
-from .llama import LlamaShaped
-from .placement import place_model
+from .loading import from_pretrained
 from .runtime.registry import offloaded_stacks
+from .safetensors_files import checkpoint_files, read_gbps
 
 log = logging.getLogger("offload_compiler.demo")
 
-_CHECKS = 3  # calls, each on fresh ids, whose outputs are compared
-# Model and run per device. CUDA: 16 x 90 MiB layers + 2 x 125 MiB embedding/head = 1.77 GB bf16.
-_PRESETS: dict[str, dict[str, Any]] = {
-    "cuda": {"layers": 16, "dim": 2048, "heads": 16, "kv_heads": 8, "hidden": 5632,
-             "vocab": 32000, "tokens": 1024, "iters": 20, "mode": "reduce-overhead"},
-    "cpu": {"layers": 8, "dim": 256, "heads": 8, "kv_heads": 4, "hidden": 512,
-            "vocab": 1024, "tokens": 64, "iters": 10, "mode": "default"},
+# Llama shapes per device. CUDA: 16 x 90 MiB layers + 2 x 125 MiB embedding/head = 1.77 GB bf16.
+_PRESETS: dict[str, dict[str, int]] = {
+    "cuda": {"num_hidden_layers": 16, "hidden_size": 2048, "intermediate_size": 5632,
+             "num_attention_heads": 16, "num_key_value_heads": 8, "vocab_size": 32000},
+    "cpu": {"num_hidden_layers": 8, "hidden_size": 256, "intermediate_size": 512,
+            "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 1024},
 }  # fmt: skip
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m offload_compiler.demo",
-        description="Compare a model compiled with the offload backend against plain "
-        "torch.compile: outputs, speed and GPU memory.",
-    )
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m offload_compiler.demo", description=__doc__)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--layers", type=int, help="decoder layers (cuda 16, cpu 8)")
-    parser.add_argument("--tokens", type=int, help="tokens per forward (cuda 1024, cpu 64)")
-    parser.add_argument("--iters", type=int, help="timed calls per run (cuda 20, cpu 10)")
-    parser.add_argument("--mode", choices=["default", "reduce-overhead"], help="Inductor mode")
+    parser.add_argument("--checkpoint", type=Path, help="a transformers checkpoint directory")
+    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache/offload_compiler")
+    parser.add_argument("--layers", type=int, help="layers of the written checkpoint")
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--group", type=int, default=2, help="offload_group_size (2)")
     parser.add_argument("--num-in-group", type=int, default=1, help="offload_num_in_group (1)")
-    parser.add_argument("--prefetch-step", type=int, default=2, help="offload_prefetch_step (2)")
+    parser.add_argument("--prefetch-step", type=int, default=1, help="offload_prefetch_step (1)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this torch build or machine has no CUDA GPU")
-    for name, value in _PRESETS[args.device].items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, value)
-    if args.device == "cpu" and args.mode == "reduce-overhead":
-        parser.error("--mode reduce-overhead needs CUDA (it captures CUDA graphs)")
-    if min(args.layers, args.tokens, args.iters) < 1:
-        parser.error("--layers, --tokens and --iters must be >= 1")
-    try:  # fail on bad offload flags before building a big model
-        OffloadConfig.from_options(offload_options(args))
-    except ValidationError as err:
-        parser.error("; ".join(e["msg"] for e in err.errors()))
+    if min(args.prompt_tokens, args.new_tokens, args.layers or 1) < 1:
+        parser.error("--prompt-tokens, --new-tokens and --layers must be >= 1")
     return args
 
 
-def offload_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``torch.compile(options=...)`` of the offloaded model."""
-    prefetch = {
-        "offload_group_size": args.group,
-        "offload_num_in_group": args.num_in_group,
-        "offload_prefetch_step": args.prefetch_step,
-    }
-    return {"prefetch": prefetch, **({"mode": args.mode} if args.mode != "default" else {})}
+def write_checkpoint(args: argparse.Namespace, dtype: torch.dtype) -> Path:
+    """A random-weight Llama checkpoint under ``args.cache_dir``, written on first use."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = dict(_PRESETS[args.device])
+    if args.layers:
+        shape["num_hidden_layers"] = args.layers
+    key = hashlib.sha256(json.dumps([shape, str(dtype), args.seed]).encode()).hexdigest()[:12]
+    path = args.cache_dir / f"llama-{key}"
+    if (path / "config.json").is_file():
+        return path
+    log.info("writing a random-weight checkpoint to %s", path)
+    torch.manual_seed(args.seed)
+    config = LlamaConfig(**shape, max_position_embeddings=4096, dtype=dtype)
+    model = LlamaForCausalLM(config).to(dtype)
+    model.save_pretrained(path, max_shard_size="500MB")
+    return path
 
 
-def build_model(args: argparse.Namespace, dtype: torch.dtype) -> LlamaShaped:
-    """The model, on the CPU, created directly in ``dtype`` (no fp32 copy of a big model)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        sizes = {k: args.__dict__[k] for k in ("layers", "dim", "heads", "kv_heads", "hidden")}
-        return LlamaShaped(**sizes, vocab=args.vocab).eval()
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def median_ms(fn: Callable[[], Any], device: torch.device, iters: int) -> float:
-    """Milliseconds per call: the median over 3 runs of ``iters`` back-to-back calls, between
-    device-wide syncs (a sync per call would leave the copies started for the next call out of
-    the timed window). Outputs are dropped: under reduce-overhead the next replay overwrites
-    them."""
-    times = []
-    for _ in range(4):  # the first run warms up
+def generate(
+    model: nn.Module, ids: torch.Tensor, new_tokens: int, device: torch.device
+) -> tuple[torch.Tensor, float]:
+    """Greedy tokens and tokens/s over the decode (the first call, which compiles, excluded:
+    it is timed from the second new token on)."""
+    kwargs = {"max_new_tokens": new_tokens, "do_sample": False, "min_new_tokens": new_tokens}
+    with torch.no_grad():
+        tokens = model.generate(ids, **kwargs)  # compiles, and the tokens to check
         _sync(device)
         begin = time.perf_counter()
-        for _ in range(iters):
-            fn()
+        model.generate(ids, **kwargs)
         _sync(device)
-        times.append((time.perf_counter() - begin) * 1e3 / iters)
-    return statistics.median(times[1:])
+    return tokens.cpu(), new_tokens / (time.perf_counter() - begin)
 
 
-@torch.no_grad()
-def run(
-    model: nn.Module, place: Callable[[], Callable], device: torch.device, ids, iters: int
-) -> tuple[list[torch.Tensor], float, int | None]:
-    """Place and compile ``model`` (``place()`` returns the compiled model), then its outputs on
-    ``ids`` (copied to the CPU), its ms per forward, and the GPU memory it took by then."""
-    base = _allocated(device)
-    compiled = place()
-    outputs = [compiled(x).detach().to("cpu", copy=True) for x in ids]
-    used = _allocated(device) - base if device.type == "cuda" else None
-    return outputs, median_ms(lambda: compiled(ids[0]), device, iters), used
-
-
-def check_outputs(got: list[torch.Tensor], expected: list[torch.Tensor], dtype) -> str | None:
-    """None if every output matches, else the first mismatch. Compared by relative norm error,
-    since the two graphs fuse, and so round, differently; NaN never passes."""
-    bound = 1e-2 if dtype == torch.bfloat16 else 1e-5
-    for call, (out, ref) in enumerate(zip(got, expected, strict=True)):
-        error = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-        if not error <= bound:
-            return f"call {call}: relative error {error:.3g} > {bound:g}"
-    return None
-
-
-def h2d_gbps(device: torch.device, nbytes: int = 256 * 2**20) -> float:
-    """This machine's pinned host-to-device copy bandwidth, measured now."""
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dev.copy_(host, non_blocking=True)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        dev.copy_(host, non_blocking=True)
-    end.record()
-    torch.cuda.synchronize(device)
-    return 5 * nbytes / (start.elapsed_time(end) * 1e6)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    options = offload_options(args)
+    path = args.checkpoint or write_checkpoint(args, dtype)
+    options = {
+        "prefetch": {
+            "offload_group_size": args.group,
+            "offload_num_in_group": args.num_in_group,
+            "offload_prefetch_step": args.prefetch_step,
+        }
+    }
+    read = read_gbps(checkpoint_files(path))
+    base = _allocated(device)
+    report: dict[str, float] = {}
+    model = from_pretrained(path, options, device, dtype, report=report)
+    model.forward = torch.compile(model.forward, backend="offload", options=options)
     torch.manual_seed(args.seed)
-    log.info("building the model on the CPU (%s)", dtype)
-    model = build_model(args, dtype)
-    reference = copy.deepcopy(model)
-    total = sum(p.nbytes for p in model.parameters())
-    ids = [torch.randint(0, args.vocab, (1, args.tokens), device=device) for _ in range(_CHECKS)]
-
-    def offloaded_model() -> Callable:
-        place_model(model, options, device)
-        return torch.compile(model, backend="offload", options=options)
-
-    def resident_model() -> Callable:
-        return torch.compile(reference.to(device), **({"mode": args.mode} if cuda else {}))
-
-    log.info("offloaded model: place_model, compile (backend='offload'), run")
-    got, offloaded_ms, offloaded_gpu = run(model, offloaded_model, device, ids, args.iters)
+    ids = torch.randint(0, model.config.vocab_size, (1, args.prompt_tokens), device=device)
+    got, offloaded_tps = generate(model, ids, args.new_tokens, device)
+    offloaded_gpu = _allocated(device) - base
     (stack,) = offloaded_stacks(model)
-    if cuda and torch.cuda.mem_get_info(device)[0] < 1.25 * total + 2**30:
-        torch._dynamo.reset()  # not room for the whole reference beside it: drop the offloaded
-        model.to("meta")
-        gc.collect()
-        torch.cuda.empty_cache()
-    log.info("reference: whole model on %s, torch.compile", device)
-    expected, resident_ms, resident_gpu = run(reference, resident_model, device, ids, args.iters)
+    del model
+    torch._dynamo.reset()
+    gc.collect()
 
-    mismatch = check_outputs(got, expected, dtype)
+    from transformers import AutoModelForCausalLM
+
+    base = _allocated(device)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    reference.forward = torch.compile(reference.forward)
+    expected, resident_tps = generate(reference, ids, args.new_tokens, device)
+    resident_gpu = _allocated(device) - base
+
+    same = torch.equal(got, expected)
     lines = [
         "",
         "offload_compiler demo",
-        f"  device:         {torch.cuda.get_device_name(device) if cuda else 'CPU, no GPU'}",
-        f"  torch:          {torch.__version__}",
-        f"  model:          LlamaShaped, {args.layers} layers of dim {args.dim}, {dtype}, "
-        f"{args.tokens} tokens, mode {args.mode}",
-        f"  offload config: group {args.group}, {args.num_in_group} offloaded per group, "
-        f"prefetch step {args.prefetch_step}",
-        f"  weights:        {_mib(total)}; offloaded {_mib(stack.host_bytes)} in layers "
-        f"{','.join(map(str, stack.layers))}; slot pool {_mib(stack.slot_bytes)}",
+        f"  device:      {torch.cuda.get_device_name(device) if cuda else 'CPU, no GPU'}, "
+        f"torch {torch.__version__}",
+        f"  checkpoint:  {path} ({report['bytes'] / 2**20:,.1f} MiB, {dtype})",
+        f"  load:        {report['GBps']:.2f} GB/s offloaded placement; plain read of the "
+        f"files {read:.2f} GB/s",
+        f"  offloaded:   layers {','.join(map(str, stack.layers))} of {stack.layers_path}, "
+        f"{_mib(stack.host_bytes)} in {'pinned ' if cuda else ''}host memory, slots "
+        f"{_mib(stack.slot_bytes)}",
+        f"  host memory: +{_mib(report['host_peak_bytes'])} at the load's peak",
     ]
     if cuda:
         lines.append(
-            f"  GPU memory:     {_mib(resident_gpu)} without offloading, {_mib(offloaded_gpu)} "
-            "with (after placing, compiling and the checked calls)"
+            f"  GPU memory:  {_mib(offloaded_gpu)} offloaded against {_mib(resident_gpu)} "
+            f"resident: {_mib(resident_gpu - offloaded_gpu)} saved"
         )
-    else:
-        kept_off = stack.host_bytes - stack.slot_bytes
-        lines.append(
-            f"  GPU memory:     no GPU here; on one, offloading keeps {_mib(kept_off)} off"
-        )
-    lines.append(
-        f"  ms per forward: offloaded {offloaded_ms:.3f}, resident {resident_ms:.3f} "
-        f"({args.iters} calls back to back); offloaded / resident = "
-        f"{offloaded_ms / resident_ms:.2f}x"
-    )
-    if cuda:
-        gbps = h2d_gbps(device)
-        bound = max(resident_ms, stack.host_bytes / (gbps * 1e6))
-        lines.append(
-            f"  physical bound: max(resident, offloaded bytes / {gbps:.1f} GB/s) = {bound:.3f} "
-            f"ms; offloaded / bound = {offloaded_ms / bound:.3f}"
-        )
-    lines.append(f"  output matches: {'no' if mismatch else 'yes'}")
+    lines += [
+        f"  generate:    {args.prompt_tokens} prompt tokens, {args.new_tokens} new, greedy: "
+        f"{offloaded_tps:.1f} tokens/s offloaded, {resident_tps:.1f} resident",
+        f"  tokens:      {'equal' if same else 'DIFFERENT'} to the resident model's",
+    ]
     print("\n".join(lines), flush=True)
-    if mismatch:
-        print(f"error: the offloaded model's output differs: {mismatch}", file=sys.stderr)
+    if not same:
+        print(f"error: tokens differ: {got.tolist()} vs {expected.tolist()}", file=sys.stderr)
         return 1
     return 0
 
@@ -239,8 +180,8 @@ def _allocated(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
-def _mib(nbytes: int | None) -> str:
-    return "n/a" if nbytes is None else f"{nbytes / 2**20:,.1f} MiB"
+def _mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:,.1f} MiB"
 
 
 if __name__ == "__main__":

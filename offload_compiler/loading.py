@@ -305,16 +305,18 @@ def from_pretrained(
     options: OffloadConfig | Mapping[str, Any] | None = None,
     device: torch.device | str = "cuda",
     dtype: torch.dtype | None = None,
+    report: dict[str, float] | None = None,
 ) -> nn.Module:
     """A transformers causal language model from a checkpoint directory (``config.json`` and
     safetensors files), built with its parameters on the meta device and loaded straight into
-    the placement ``options`` asks for (`load_checkpoint`). Needs transformers."""
+    the placement ``options`` asks for (`load_checkpoint`, which fills ``report``). Needs
+    transformers."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     config = AutoConfig.from_pretrained(path)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
-    load_checkpoint(model, path, options, device, dtype)
+    load_checkpoint(model, path, options, device, dtype, report)
     with contextlib.suppress(OSError):
         model.generation_config = GenerationConfig.from_pretrained(path)
     return model.eval()

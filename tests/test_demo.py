@@ -1,4 +1,5 @@
-"""The README's first command, ``python -m offload_compiler.demo``, on a CPU-only machine."""
+"""The README's main command, ``python -m offload_compiler.demo``, on a CPU-only machine: a
+checkpoint written, loaded offloaded, generating the resident model's tokens."""
 
 from __future__ import annotations
 
@@ -7,32 +8,36 @@ import torch
 
 from offload_compiler import demo
 
-SMALL = ["--device", "cpu", "--layers", "4", "--tokens", "8", "--iters", "1"]
+pytest.importorskip("transformers")
 
 
-def test_demo_checks_the_offloaded_model_against_the_resident_one(capsys):
-    assert demo.main(SMALL) == 0
+def _small(tmp_path) -> list[str]:
+    return ["--device", "cpu", "--layers", "2", "--prompt-tokens", "8", "--new-tokens", "4",
+            "--cache-dir", str(tmp_path)]  # fmt: skip
+
+
+def test_demo_generates_the_resident_models_tokens_from_its_checkpoint(tmp_path, capsys):
+    assert demo.main(_small(tmp_path)) == 0
     out = capsys.readouterr().out
-    assert "output matches: yes" in out
-    assert "in layers 1,3;" in out  # group 2, the last of each offloaded
+    assert "tokens:      equal to the resident model's" in out
+    assert "offloaded:   layers 1 of model.layers" in out  # group 2: the last of each
+    (written,) = tmp_path.iterdir()
+    assert (written / "config.json").is_file()
+    # a given checkpoint is used as it is, nothing written
+    assert demo.main([*_small(tmp_path), "--checkpoint", str(written)]) == 0
+    assert list(tmp_path.iterdir()) == [written]
 
 
-def test_demo_fails_when_the_outputs_differ(monkeypatch, capsys):
-    """The check can fail: outputs of a model whose weights drift after placing differ."""
-    place = demo.place_model
+def test_demo_fails_when_the_tokens_differ(tmp_path, monkeypatch, capsys):
+    """The check can fail: a model whose weights drift after loading generates other tokens."""
+    load = demo.from_pretrained
 
-    def place_and_perturb(model, options, device):
-        place(model, options, device)
+    def load_and_perturb(*args, **kwargs):
+        model = load(*args, **kwargs)
         with torch.no_grad():
-            next(model.layers[1].parameters()).add_(1.0)
+            model.model.layers[1].mlp.down_proj.weight.mul_(-50.0)
+        return model
 
-    monkeypatch.setattr(demo, "place_model", place_and_perturb)
-    assert demo.main(SMALL) == 1
-    assert "output matches: no" in capsys.readouterr().out
-
-
-def test_demo_refuses_bad_flags_before_building_a_model():
-    with pytest.raises(SystemExit):
-        demo.main([*SMALL, "--group", "2", "--num-in-group", "3"])
-    with pytest.raises(SystemExit):
-        demo.main(["--device", "cpu", "--mode", "reduce-overhead"])
+    monkeypatch.setattr(demo, "from_pretrained", load_and_perturb)
+    assert demo.main(_small(tmp_path)) == 1
+    assert "DIFFERENT" in capsys.readouterr().out
