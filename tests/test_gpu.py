@@ -54,11 +54,19 @@ def _compiled_pair(
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """A seeded 8-layer LlamaShaped model compiled in ``mode`` without offloading (the
     reference) and, the model itself, with the offload backend and this prefetch config
-    (``prefetch``: more fields of it, ``offload_host_copies=False``...)."""
+    (``prefetch``: more fields of it, ``offload_host_copies=False``...). Tests that ask for
+    the same pair share one compile of each."""
+    key = (mode, group, num, step, poison, tuple(sorted(prefetch.items())))
+    return _reference(mode), _offloaded(*key)
+
+
+@functools.cache
+def _offloaded(
+    mode: str, group: int, num: int, step: int, poison: bool, prefetch: tuple
+) -> torch.nn.Module:
     options = prefetch_options(group, num, step, mode=mode, poison_slots=poison)
     options["prefetch"].update(prefetch)
-    offloaded = torch.compile(_seeded_model(), backend="offload", options=options)
-    return _reference(mode), offloaded
+    return torch.compile(_seeded_model(), backend="offload", options=options)
 
 
 def _seeded_model() -> torch.nn.Module:
