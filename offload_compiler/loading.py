@@ -87,27 +87,29 @@ def load_checkpoint(
     files = checkpoint_files(checkpoint)
     stored = read_index(files)
     params = _unique_parameters(model)
-    sources = _match(params, stored, dtype)
+    sources = _match(params, stored)
     offloaded = {id(p) for p in _offloaded(model, config)}
     start = time.perf_counter()
     total = sum(stored[sources[id(p)]].nbytes for _, p in params)
     arena_params = [p for _, p in params if id(p) in offloaded]
     targets = [_target_dtype(stored[sources[id(p)]].dtype, dtype) for p in arena_params]
-    shapes = [
+    layouts = [
         torch.empty(p.shape, dtype=d, device="meta")
         for p, d in zip(arena_params, targets, strict=True)
     ]
+    offloaded_bytes = sum(_nbytes(t) for t in layouts)
     pinned = device.type == "cuda"
     resident = [p for _, p in params if id(p) not in offloaded]
     resident_bytes = sum(
         p.numel() * _target_dtype(stored[sources[id(p)]].dtype, dtype).itemsize for p in resident
     )
-    host_needed = sum(plan_pinned_blocks([_nbytes(t) for t in shapes]).block_bytes)
-    if not pinned:
-        host_needed = sum(_nbytes(t) for t in shapes) + resident_bytes
+    if pinned:  # the pinned blocks, rounded as they will be
+        host_needed = sum(plan_pinned_blocks([_nbytes(t) for t in layouts]).block_bytes)
+    else:
+        host_needed = offloaded_bytes + resident_bytes
     _check_memory(host_needed + STAGING_BYTES, resident_bytes if pinned else 0, device)
     peaks = _Peaks(device)
-    arena = PinnedArena(shapes) if pinned else None
+    arena = PinnedArena(layouts) if pinned else None
     staging = Staging(pinned)
     holders = _holders(model)
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading", leave=False) as bar:
@@ -150,7 +152,7 @@ def load_checkpoint(
         "offloaded to %s host memory, the rest on %s; peaks during the load: host +%.1f MiB, "
         "GPU %.1f MiB",
         total / 2**20, len(files), seconds, figures["GBps"], len(params),
-        host_needed / 2**20 if pinned else sum(_nbytes(t) for t in shapes) / 2**20,
+        offloaded_bytes / 2**20,
         "pinned" if pinned else "CPU", device, host_peak / 2**20, gpu_peak / 2**20,
     )  # fmt: skip
     return model
@@ -233,12 +235,11 @@ def _unique_parameters(model: nn.Module) -> list[tuple[list[str], nn.Parameter]]
 
 
 def _match(
-    params: list[tuple[list[str], nn.Parameter]],
-    stored: Mapping[str, StoredTensor],
-    dtype: torch.dtype | None,
+    params: list[tuple[list[str], nn.Parameter]], stored: Mapping[str, StoredTensor]
 ) -> dict[int, str]:
     """The stored name of each parameter, after checking that every parameter is stored once,
-    nothing else is, and shapes agree (each problem names its tensors)."""
+    nothing else is, and shapes and kinds of dtype (floating point or not) agree (each problem
+    names its tensors)."""
     sources: dict[int, str] = {}
     missing, mismatched = [], []
     for names, param in params:
@@ -247,10 +248,11 @@ def _match(
             missing.append(names[0])
             continue
         sources[id(param)] = found[0]
-        if stored[found[0]].shape != tuple(param.shape):
-            mismatched.append(
-                f"{found[0]}: stored {list(stored[found[0]].shape)}, model {list(param.shape)}"
-            )
+        entry = stored[found[0]]
+        if entry.shape != tuple(param.shape):
+            mismatched.append(f"{found[0]}: stored {list(entry.shape)}, model {list(param.shape)}")
+        elif entry.dtype.is_floating_point != param.dtype.is_floating_point:
+            mismatched.append(f"{found[0]}: stored {entry.dtype}, model {param.dtype}")
     known = {name for names, _ in params for name in names}
     unexpected = sorted(set(stored) - known)
     problems = []
@@ -259,7 +261,7 @@ def _match(
     if unexpected:
         problems.append(f"in the checkpoint but not in the model: {', '.join(unexpected)}")
     if mismatched:
-        problems.append(f"shapes differ: {'; '.join(mismatched)}")
+        problems.append(f"shapes or dtypes differ: {'; '.join(mismatched)}")
     if problems:
         raise CheckpointError("the checkpoint does not match the model: " + ". ".join(problems))
     return sources

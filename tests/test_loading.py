@@ -86,7 +86,8 @@ def test_a_requested_dtype_converts_floating_point_tensors(tmp_path):
     [
         ("missing", r"missing from the checkpoint: layers\.2\.up_proj\.weight"),
         ("unexpected", r"not in the model: extra\.weight"),
-        ("shape", r"shapes differ: norm\.weight: stored \[31\], model \[32\]"),
+        ("shape", r"shapes or dtypes differ: norm\.weight: stored \[31\], model \[32\]"),
+        ("dtype", r"dtypes differ: norm\.weight: stored torch\.int32, model torch\.float32"),
     ],
 )
 def test_a_mismatch_is_named_before_the_model_is_touched(tmp_path, damage, message):
@@ -95,8 +96,10 @@ def test_a_mismatch_is_named_before_the_model_is_touched(tmp_path, damage, messa
         del tensors["layers.2.up_proj.weight"]
     elif damage == "unexpected":
         tensors["extra.weight"] = torch.zeros(3)
-    else:
+    elif damage == "shape":
         tensors["norm.weight"] = torch.zeros(31)
+    else:
+        tensors["norm.weight"] = torch.zeros(32, dtype=torch.int32)
     save_file(tensors, tmp_path / "model.safetensors")
     model = _empty()
     with pytest.raises(CheckpointError, match=message):
