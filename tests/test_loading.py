@@ -153,3 +153,27 @@ def test_gpu_load_puts_offloaded_weights_in_pinned_memory_and_only_the_rest_on_t
     ids = torch.randint(0, SIZES["vocab"], (1, 16), device="cuda")
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids), reference(ids), rtol=1e-2, atol=1e-2)
+
+
+def test_a_second_model_loads_after_the_first_is_dropped_and_its_memory_is_freed(tmp_path):
+    """Dropping a loaded, compiled and called model frees its host copies (CPU: host bytes),
+    so loading the next one needs no more than the first did."""
+    import gc
+    import weakref
+
+    import offload_compiler
+
+    save_file(_tensors(_source()), tmp_path / "model.safetensors")
+    options = prefetch_options(2, 1, 1)
+    held = []
+    for _ in range(2):
+        model = load_checkpoint(_empty(), tmp_path, options, "cpu")
+        compiled = torch.compile(model, backend="offload", options=options)
+        with torch.no_grad():
+            compiled(torch.randint(0, SIZES["vocab"], (1, 4)))
+        (stack,) = offload_compiler.offloaded_stacks(model)
+        held.append([weakref.ref(t) for t in stack.host_tensors])
+        del model, compiled, stack
+        for _ in range(2):
+            gc.collect()
+        assert all(ref() is None for ref in held[-1])  # nothing of it stays
