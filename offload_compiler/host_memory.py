@@ -184,6 +184,13 @@ def mark_offloaded(param: torch.Tensor) -> None:
         )
 
 
+def remember_host_copy(param: torch.Tensor, host: torch.Tensor) -> None:
+    """Record ``host`` as the offloaded ``param``'s host copy (what the backend then finds)
+    and make ``param`` an `OffloadedParameter`."""
+    _HOST_COPIES[param] = host
+    mark_offloaded(param)
+
+
 def host_copy(param: torch.Tensor) -> torch.Tensor | None:
     """The host copy of an offloaded parameter, None if it is not offloaded."""
     return _HOST_COPIES.get(param)
@@ -213,8 +220,7 @@ def offload_parameters(params: Sequence[torch.Tensor], device: torch.device) -> 
             host = arena.empty(index)
             host.copy_(param.detach())
             param.data = cuda_view_of_pinned(host, device)
-        _HOST_COPIES[param] = host
-        mark_offloaded(param)
+        remember_host_copy(param, host)
     return [_HOST_COPIES[p] for p in params]
 
 
@@ -224,8 +230,7 @@ def adopt_values(param: torch.Tensor, host: torch.Tensor, name: str, device: tor
     its values are copied into ``host`` (whose address compiled graphs keep) and ``param``
     reads ``host`` again, through a device view where ``host`` is pinned."""
     if host.data_ptr() == param.data_ptr():
-        _HOST_COPIES[param] = host
-        mark_offloaded(param)
+        remember_host_copy(param, host)
         return
     value = param.detach()
     if (value.shape, value.stride(), value.dtype) != (host.shape, host.stride(), host.dtype):
@@ -237,5 +242,4 @@ def adopt_values(param: torch.Tensor, host: torch.Tensor, name: str, device: tor
         )
     host.copy_(value)  # synchronous: the values are in place when it returns
     param.data = cuda_view_of_pinned(host, device) if device.type == "cuda" else host
-    _HOST_COPIES[param] = host
-    mark_offloaded(param)
+    remember_host_copy(param, host)

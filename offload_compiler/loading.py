@@ -29,13 +29,12 @@ from tqdm.auto import tqdm
 from .config import OffloadConfig
 from .discovery import layer_list_of
 from .host_memory import (
-    _HOST_COPIES,
     PinnedArena,
     cuda_view_of_pinned,
-    mark_offloaded,
     plan_pinned_blocks,
+    remember_host_copy,
 )
-from .planning import plan_prefetch, plan_uva, shared_parameters
+from .placement import offloaded_parameters
 from .safetensors_files import (
     STAGING_BYTES,
     CheckpointError,
@@ -88,7 +87,7 @@ def load_checkpoint(
     stored = read_index(files)
     params = _unique_parameters(model)
     sources = _match(params, stored)
-    offloaded = {id(p) for p in _offloaded(model, config)}
+    offloaded = {id(p) for p in offloaded_parameters(model, config)}
     start = time.perf_counter()
     total = sum(stored[sources[id(p)]].nbytes for _, p in params)
     arena_params = [p for _, p in params if id(p) in offloaded]
@@ -121,9 +120,7 @@ def load_checkpoint(
                 host = torch.empty(param.shape, dtype=targets[position])
             staging.read_into(entry, host)
             view = cuda_view_of_pinned(host, device) if pinned else host
-            new = _bind(holders[id(param)], param, view)
-            _HOST_COPIES[new] = host
-            mark_offloaded(new)
+            remember_host_copy(_bind(holders[id(param)], param, view), host)
             bar.update(entry.nbytes)
         for param in resident:
             entry = stored[sources[id(param)]]
@@ -265,20 +262,6 @@ def _match(
     if problems:
         raise CheckpointError("the checkpoint does not match the model: " + ". ".join(problems))
     return sources
-
-
-def _offloaded(model: nn.Module, config: OffloadConfig) -> list[nn.Parameter]:
-    """The parameters ``config`` offloads, as `place_model` chooses them."""
-    if config.selected_backend == "prefetch":
-        found = layer_list_of(model, config.layers_path)
-        shared = shared_parameters(found.layers, model)
-        return plan_prefetch(found.layers, found.path, config.prefetch, shared).parameters(
-            found.layers
-        )
-    if config.selected_backend == "uva":
-        named = dict(model.named_parameters())
-        return [named[name] for name in plan_uva(model, config.uva).params]
-    return []
 
 
 def _holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:

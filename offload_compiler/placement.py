@@ -43,16 +43,7 @@ def place_model(
         )
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    if config.selected_backend == "prefetch":
-        found = layer_list_of(model, config.layers_path)
-        layers = found.layers
-        plan = plan_prefetch(layers, found.path, config.prefetch, shared_parameters(layers, model))
-        chosen = plan.parameters(layers)
-    elif config.selected_backend == "uva":
-        params = dict(model.named_parameters())
-        chosen = [params[name] for name in plan_uva(model, config.uva).params]
-    else:
-        chosen = []
+    chosen = offloaded_parameters(model, config)
     offload_parameters(chosen, device)  # packed into shared pinned blocks
     offloaded = {id(p) for p in chosen}
     for param in model.parameters():
@@ -62,6 +53,20 @@ def place_model(
         for name, buffer in module.named_buffers(recurse=False):
             module._buffers[name] = buffer.to(device)
     return model
+
+
+def offloaded_parameters(model: nn.Module, config: OffloadConfig) -> list[nn.Parameter]:
+    """The parameters of ``model`` that ``config`` offloads: the prefetch plan's layers'
+    parameters, or UVA's in model order up to its budget (none without a backend)."""
+    if config.selected_backend == "prefetch":
+        found = layer_list_of(model, config.layers_path)
+        layers = found.layers
+        plan = plan_prefetch(layers, found.path, config.prefetch, shared_parameters(layers, model))
+        return plan.parameters(layers)
+    if config.selected_backend == "uva":
+        params = dict(model.named_parameters())
+        return [params[name] for name in plan_uva(model, config.uva).params]
+    return []
 
 
 def reload_weights(model: nn.Module) -> None:
