@@ -132,8 +132,11 @@ def compile_graph(graph: OffloadGraph, example_inputs: list[torch.Tensor]) -> Ca
     slots, extra, runtimes = graph.slots, graph.extra_outputs, graph.runtimes
     counted = runtimes if schedule.host_issued_copies else ()
     programs = [(runtime, GraphProgram()) for runtime in counted]
-    # a CUDA graph captured outside Inductor is replayed without `run`: no refresh can run
-    captured_by_hand = not schedule.cudagraphs and schedule.device.type == "cuda"
+    # offload_capturable (the only schedule that rejoins without cudagraph trees): a CUDA graph
+    # captured outside Inductor is replayed without `run`, so no refresh runs at its replays
+    captured_by_hand = (
+        schedule.rejoin and not schedule.cudagraphs and schedule.device.type == "cuda"
+    )
 
     def call(args: tuple[Any, ...]) -> Any:
         if staging is None:
