@@ -176,12 +176,18 @@ def _check_memory(host_needed: int, gpu_needed: int, device: torch.device) -> No
             "available"
         )
     if device.type == "cuda" and gpu_needed:
-        free, _ = torch.cuda.mem_get_info(device)
+        free, total = torch.cuda.mem_get_info(device)
+        capped = ""
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)
+        if fraction < 1.0:  # torch.cuda.set_per_process_memory_fraction caps this process
+            allowed = int(fraction * total) - torch.cuda.memory_allocated(device)
+            if allowed < free:
+                free, capped = allowed, f" under this process's memory fraction {fraction:.3f}"
         if gpu_needed > free:
             raise MemoryError(
                 f"not enough GPU memory on {device} for the resident part: it needs "
-                f"{gpu_needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free; offload more "
-                "layers"
+                f"{gpu_needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free{capped}; "
+                "offload more layers"
             )
 
 
@@ -295,8 +301,12 @@ def from_pretrained(
     """A transformers causal language model from a checkpoint directory (``config.json`` and
     safetensors files), built with its parameters on the meta device and loaded straight into
     the placement ``options`` asks for (`load_checkpoint`, which fills ``report``). Needs
-    transformers."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    transformers.
+
+    Its ``generation_config.compile_config`` names the offload backend with ``options``: where
+    ``generate`` compiles the decode step itself (a static cache on a GPU), plain Inductor would
+    otherwise compile a graph that reads every offloaded weight across the bus."""
+    from transformers import AutoConfig, AutoModelForCausalLM, CompileConfig, GenerationConfig
 
     config = AutoConfig.from_pretrained(path)
     with init_empty_weights():
@@ -304,4 +314,7 @@ def from_pretrained(
     load_checkpoint(model, path, options, device, dtype, report)
     with contextlib.suppress(OSError):
         model.generation_config = GenerationConfig.from_pretrained(path)
+    model.generation_config.compile_config = CompileConfig(
+        backend="offload", mode=None, options=OffloadConfig.from_options(options).model_dump()
+    )
     return model.eval()

@@ -45,3 +45,23 @@ def test_greedy_tokens_equal_the_resident_model(checkpoint, cache):
     assert torch.equal(got, expected), (got.tolist(), expected.tolist())
     (stack,) = offload_compiler.offloaded_stacks(model)
     assert stack.layers == (1, 3)  # the compiled forward read offloaded layers
+
+
+def test_transformers_compile_config_path_generates_the_resident_tokens(checkpoint):
+    """transformers' own compile path: `from_pretrained` names the offload backend in
+    ``generation_config.compile_config``, and a plain ``generate`` with the static cache compiles
+    the decode step with it (the prefill runs eagerly, reading the offloaded weights in place)."""
+    path, reference = checkpoint
+    options = prefetch_options(2, 1, 1)
+    model = offload_compiler.from_pretrained(path, options, "cpu")
+    config = model.generation_config.compile_config
+    assert (config.backend, config.mode) == ("offload", None)
+    config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+    ids = torch.randint(0, 128, (1, 8))
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "cache_implementation": "static"}
+    with torch.no_grad():
+        got = model.generate(ids, **kwargs)
+        expected = reference.generate(ids, **kwargs)
+    assert torch.equal(got, expected), (got.tolist(), expected.tolist())
+    (stack,) = offload_compiler.offloaded_stacks(model)  # the decode step ran compiled
+    assert stack.layers == (1, 3)

@@ -177,3 +177,68 @@ def test_a_second_model_loads_after_the_first_is_dropped_and_its_memory_is_freed
         for _ in range(2):
             gc.collect()
         assert all(ref() is None for ref in held[-1])  # nothing of it stays
+
+
+_GPU_SIZES = {**SIZES, "dim": 512, "hidden": 1024, "vocab": 512}
+
+
+def _gpu_checkpoint(path) -> None:
+    torch.manual_seed(0)
+    save_file(_tensors(LlamaShaped(**_GPU_SIZES).to(torch.bfloat16)), path / "model.safetensors")
+
+
+def _load_gpu(path) -> torch.nn.Module:
+    with init_empty_weights():
+        empty = LlamaShaped(**_GPU_SIZES).eval()
+    return load_checkpoint(empty, path, prefetch_options(2, 1, 1), "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_a_second_model_fits_the_memory_of_the_first_once_it_is_dropped(tmp_path):
+    """GPU memory and pinned host memory of a dropped model are freed: a second load fits under
+    a per-process cap that leaves no room for two, and the first's host copies are gone."""
+    import gc
+    import weakref
+
+    import offload_compiler
+
+    _gpu_checkpoint(tmp_path)
+    options = prefetch_options(2, 1, 1)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    model = _load_gpu(tmp_path)
+    compiled = torch.compile(model, backend="offload", options=options)
+    with torch.no_grad():
+        compiled(torch.randint(0, _GPU_SIZES["vocab"], (1, 8), device="cuda"))
+    torch.cuda.synchronize()
+    used = torch.cuda.memory_allocated() - base
+    (stack,) = offload_compiler.offloaded_stacks(model)
+    hosts = [weakref.ref(t) for t in stack.host_tensors]
+    del model, compiled, stack
+    gc.collect()
+    assert all(ref() is None for ref in hosts)  # pinned host copies freed
+    assert torch.cuda.memory_allocated() - base < used // 8  # slots and resident weights freed
+    total = torch.cuda.mem_get_info()[1]
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated() + used * 1.5) / total)
+    try:
+        second = _load_gpu(tmp_path)
+        assert second.layers[0].q_proj.weight.device.type == "cuda"
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_a_resident_part_over_the_process_memory_cap_is_refused_before_placing(tmp_path):
+    _gpu_checkpoint(tmp_path)
+    total = torch.cuda.mem_get_info()[1]
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated() + 2**20) / total)
+    try:
+        with init_empty_weights():
+            model = LlamaShaped(**_GPU_SIZES).eval()
+        with pytest.raises(MemoryError, match=r"needs \d+\.\d+ GiB, .* memory fraction"):
+            load_checkpoint(model, tmp_path, prefetch_options(2, 1, 1), "cuda")
+        assert all(p.is_meta for p in model.parameters())
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
