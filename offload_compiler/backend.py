@@ -1,8 +1,7 @@
 """The ``offload`` torch.compile backend: options -> schedule -> binding -> rewrite -> Inductor.
 
-``torch.compile(model, backend="offload", options={...})`` calls `offload_backend` with Dynamo's
-graph. `rewrite_graph` is everything up to Inductor (what tests call to see the rewritten
-graph) and `compile_graph` the Inductor compile and the callable around it.
+`rewrite_graph` is everything up to Inductor (what tests call to see the rewritten graph),
+`compile_graph` the Inductor compile and the callable around it.
 """
 
 from __future__ import annotations
@@ -31,8 +30,7 @@ from .schedule import Schedule, resolve
 log = logging.getLogger(__name__)
 
 # Inductor must keep the inserted order: reorder_for_locality hoists every prefetch op to the
-# top of the graph (no overlap at all) and peak-memory reordering may move a weight-only kernel
-# ahead of the wait for its weights.
+# top (no overlap) and peak-memory reordering may move a weight-only kernel ahead of its wait.
 _ORDER_PRESERVING = {"reorder_for_locality": False, "reorder_for_peak_memory": False}
 
 _REPLAYS_SEE_NO_CHANGES = (
@@ -64,8 +62,7 @@ def offload_backend(
     mode: str | None = None,
     options: OffloadConfig | Mapping[str, Any] | None = None,
 ) -> Callable[..., Any]:
-    """Compile ``gm`` with its offloaded weights read from prefetched slot buffers (prefetch),
-    or from pinned host memory in place or through copies made before use (UVA)."""
+    """Compile ``gm`` with its offloaded weights read from prefetched slots or host memory."""
     return compile_graph(rewrite_graph(gm, example_inputs, options, mode), example_inputs)
 
 
@@ -75,8 +72,7 @@ def rewrite_graph(
     options: OffloadConfig | Mapping[str, Any] | None,
     mode: str | None = None,
 ) -> OffloadGraph:
-    """Resolve the options, bind the graph's offloaded parameters (offloading them the first
-    time) and rewrite a copy of ``gm``. Must run inside a Dynamo backend call."""
+    """Resolve the options, bind the graph's offloaded parameters and rewrite a copy of ``gm``."""
     config = OffloadConfig.from_options(options)
     schedule = resolve(config, mode, graph_device(gm, example_inputs))
     if schedule.backend is None:
@@ -105,14 +101,9 @@ def rewrite_graph(
 
 
 def compile_graph(graph: OffloadGraph, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
-    """Inductor-compile ``graph``; the callable takes Dynamo's inputs.
-
-    It appends the slot buffers to the inputs and drops the token outputs from the results.
-    Before each call every runtime takes weights changed since the last call (`refresh`).
-    Under CUDA graphs, the inputs cudagraph trees would copy are staged so that the graphs
-    launch on a stream of their own (`runtime.staging`), and with host-issued copies each call
-    runs inside its runtimes' ``calling``.
-    """
+    """Inductor-compile ``graph`` into a callable of Dynamo's inputs: it appends the slots,
+    drops the token outputs, `refresh`es every runtime before each call and, under CUDA graphs,
+    stages the inputs and runs each call inside its runtimes' ``calling`` (host-issued copies)."""
     schedule = graph.schedule
     if not graph.rewritten:
         return compile_fx(graph.gm, example_inputs, config_patches=dict(schedule.inductor_patches))
@@ -121,27 +112,22 @@ def compile_graph(graph: OffloadGraph, example_inputs: list[torch.Tensor]) -> Ca
         for node in graph.gm.graph.find_nodes(op="placeholder")[len(example_inputs) :]
     ]
     staging = stage_inputs(graph.gm, example_inputs) if schedule.staged_inputs else None
-    # Dynamo's own example inputs even where staged: AOTAutograd finds their fake tensors in
-    # its memo; a staged buffer would get fresh symbolic sizes without a source, which breaks
-    # Dynamo's shape guards
+    # Dynamo's own example inputs even where staged: a staged buffer would get fresh symbolic
+    # sizes without a source (not in AOTAutograd's memo), which breaks Dynamo's shape guards
     compiled = compile_fx(
         graph.gm,
         [*example_inputs, *slot_examples],
         config_patches={**schedule.inductor_patches, **_ORDER_PRESERVING},
     )
     slots, extra, runtimes = graph.slots, graph.extra_outputs, graph.runtimes
-    counted = runtimes if schedule.host_issued_copies else ()
-    programs = [(runtime, GraphProgram()) for runtime in counted]
+    programs = [(r, GraphProgram()) for r in runtimes] if schedule.host_issued_copies else []
     # offload_capturable (the only schedule that rejoins without cudagraph trees): a CUDA graph
     # captured outside Inductor is replayed without `run`, so no refresh runs at its replays
     captured_by_hand = (
         schedule.rejoin and not schedule.cudagraphs and schedule.device.type == "cuda"
     )
 
-    def call(args: tuple[Any, ...]) -> Any:
-        if staging is None:
-            return compiled(*args, *slots)
-        return staging.call(compiled, [*args, *slots])
+    invoke = compiled if staging is None else lambda *a: staging.call(compiled, a)
 
     def run(*args: Any) -> Any:
         for runtime in runtimes:
@@ -151,20 +137,16 @@ def compile_graph(graph: OffloadGraph, example_inputs: list[torch.Tensor]) -> Ca
         with contextlib.ExitStack() as calls:
             for runtime, program in programs:
                 calls.enter_context(runtime.calling(program))
-            outputs = call(args)
+            outputs = invoke(*args, *slots)
         return outputs[:-extra] if extra else outputs
 
     return run
 
 
 def _guard_parameter_identity(gm: fx.GraphModule, names: Collection[str]) -> None:
-    """Make Dynamo recompile when the graph is called with other parameters in their place.
-
-    Dynamo does not guard on module identity (inline_inbuilt_nn_modules), so the graph of one
-    layer's forward is reused for every layer of the same class when a graph break inside the
-    loop over the layers makes it compile layers on their own. The rewrite bakes in which layer
-    (and slot) the parameters are, so it must only run for those very parameters.
-    """
+    """Make Dynamo recompile when the graph is called with other parameters in their place: the
+    rewrite bakes in their layer and slot, and without module identity guards (inlined nn
+    modules) a graph break in the loop over the layers reuses one layer's graph for the rest."""
     from torch._dynamo.guards import GuardBuilder
 
     guards = torch._guards.TracingContext.get().guards_context.dynamo_guards
@@ -174,8 +156,7 @@ def _guard_parameter_identity(gm: fx.GraphModule, names: Collection[str]) -> Non
 
 
 def _publish_graph(gm: fx.GraphModule) -> None:
-    """The rewritten graph: a DEBUG log line, and a tlparse artifact under TORCH_TRACE (both
-    built only when asked for: printing a large graph takes a while)."""
+    """The rewritten graph as a DEBUG log line and a tlparse artifact (built only when asked)."""
     if log.isEnabledFor(logging.DEBUG):
         log.debug("offload: rewritten graph\n%s", gm.print_readable(print_output=False))
     trace_structured(

@@ -1,10 +1,6 @@
-"""Binding Dynamo's graph to offloaded memory: which placeholders read offloaded parameters,
-and what each reads instead.
-
-This is the step that acts on memory, between the pure plan (`planning`) and the FX rewrite
-(`passes`): the first time a ModuleList is bound, its runtime moves the chosen weights to host
-memory and allocates the slots (prefetch); UVA's parameters move to pinned memory. It must run
-inside a Dynamo backend call, with real tensors (outside Dynamo's fake mode).
+"""Binding Dynamo's graph to offloaded memory: which placeholders read offloaded parameters, and
+what each reads instead. Between the pure plan (`planning`) and the FX rewrite (`passes`), this
+step moves weights to host memory and allocates slots; it runs outside Dynamo's fake mode.
 """
 
 from __future__ import annotations
@@ -39,8 +35,7 @@ _INFERENCE_ONLY = (
 
 
 def graph_device(gm: fx.GraphModule, example_inputs: list[torch.Tensor]) -> torch.device:
-    """The device the graph computes on: its parameters' (which must agree), else its first
-    tensor input's, else the CPU."""
+    """The device of the graph's parameters (one), else of its first tensor input, else CPU."""
     devices = {p.param.device for p in param_placeholders(gm)}
     if len(devices) > 1:
         raise ValueError(
@@ -105,23 +100,12 @@ def bind_slot_reads(
     return reads, runtimes
 
 
-def unified_addressing_disabled() -> bool:
-    """The environment's say (``OFFLOAD_COMPILER_DISABLE_UVA=1``), as vLLM's
-    ``VLLM_WEIGHT_OFFLOADING_DISABLE_UVA``."""
-    return os.environ.get("OFFLOAD_COMPILER_DISABLE_UVA", "0") not in ("", "0")
-
-
 def bind_uva_reads(
     gm: fx.GraphModule, config: OffloadConfig, schedule: Schedule
 ) -> dict[str, FetchRead]:
-    """Offload the UVA plan's parameters to pinned host memory; say which placeholders must
-    be copied to the device before use (none when the device reads host memory in place).
-
-    On CUDA each offloaded parameter becomes a device view of its pinned copy, which compiled
-    graphs read in place (zero copy) unless unified addressing is disabled, by the option
-    ``uva.use_unified_addressing`` or the environment. On a CPU-only machine there is no
-    device view and the graph gets the explicit copies.
-    """
+    """Offload the UVA plan's parameters to pinned host memory; say which placeholders must be
+    copied to the device before use: none where the device reads them in place (CUDA, unless
+    ``uva.use_unified_addressing`` or ``OFFLOAD_COMPILER_DISABLE_UVA``, as vLLM's, says not)."""
     if config.uva.cpu_offload_gb == 0:
         log.warning("offload (uva): uva.cpu_offload_gb is 0, so nothing is offloaded")
     placeholders = {id(p.param): p for p in param_placeholders(gm)}
@@ -139,7 +123,7 @@ def bind_uva_reads(
         in_place = (
             device.type == "cuda"
             and config.uva.use_unified_addressing
-            and not unified_addressing_disabled()
+            and os.environ.get("OFFLOAD_COMPILER_DISABLE_UVA", "0") in ("", "0")
         )
         log.info(
             "offload (uva): %s: %d parameters, %.1f MiB in %s host memory, %s",

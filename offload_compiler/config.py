@@ -1,10 +1,8 @@
 """Configuration of weight offloading for the ``offload`` torch.compile backend.
 
-The field names, defaults, bounds and cross-field rules mirror vLLM's
-``vllm/config/offload.py`` so that settings carry over unchanged between the two.
-The models are frozen and reject unknown keys: a config is part of the compile
-cache key (``compute_hash``), and a misspelled option must fail loudly instead
-of silently compiling a model that offloads nothing.
+Field names, defaults, bounds and cross-field rules mirror vLLM's ``vllm/config/offload.py``.
+The models are frozen and reject unknown keys: a config is part of the compile cache key, and a
+misspelled option must fail loudly rather than compile a model that offloads nothing.
 """
 
 from __future__ import annotations
@@ -43,20 +41,15 @@ def _check_pattern(pattern: str) -> str:
 
 SegmentPatterns = Annotated[
     frozenset[Annotated[str, AfterValidator(_check_pattern)]],
-    # Sorted so that dumps, and therefore compute_hash, do not depend on set
-    # iteration order, which varies with PYTHONHASHSEED.
+    # sorted so that dumps, and so compute_hash, do not depend on PYTHONHASHSEED
     PlainSerializer(sorted, return_type=list[str], when_used="json"),
 ]
 """Dotted parameter-name segment patterns, matched by ``matches_segments``."""
 
 
 def matches_segments(name: str, patterns: Iterable[str]) -> bool:
-    """Whether some pattern equals a contiguous run of the dot-separated segments of ``name``.
-
-    Whole segments are compared so that ``"w13_weight"`` selects
-    ``"mlp.experts.w13_weight"`` but not ``"mlp.experts.w13_weight_scale"``.
-    An empty ``patterns`` matches nothing; callers decide what "no patterns" means.
-    """
+    """Whether some pattern equals a run of whole dot-separated segments of ``name``:
+    ``"w13_weight"`` selects ``"mlp.experts.w13_weight"``, not ``"...w13_weight_scale"``."""
     dotted = f".{name}."
     return any(f".{pattern}." in dotted for pattern in patterns)
 
@@ -66,103 +59,65 @@ class _FrozenConfig(BaseModel):
 
 
 class UVAOffloadConfig(_FrozenConfig):
-    """UVA (Unified Virtual Addressing) offloading: weights stay in pinned host memory.
-
-    The GPU reads them zero-copy during every forward, so there are no copies to
-    schedule, but each step pays the host link bandwidth; it needs a fast
-    CPU-GPU interconnect.
-    """
+    """UVA (Unified Virtual Addressing) offloading: weights stay in pinned host memory, read
+    zero-copy by every forward; each step pays the host link bandwidth."""
 
     cpu_offload_gb: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     """GiB of parameters to keep in pinned host memory, per GPU; 0 disables UVA offloading.
-
-    Acts as a virtual enlargement of GPU memory. Must be finite so that it is a
-    real budget and hashes unambiguously.
-    """
+    Finite, so that it is a real budget and hashes unambiguously."""
 
     cpu_offload_params: SegmentPatterns = frozenset()
-    """Segment patterns choosing which parameters may be offloaded.
-
-    Empty means any parameter, in order, until ``cpu_offload_gb`` is used up.
-    Segments let ``"w2_weight"`` be told apart from ``"w2_weight_scale"``.
-    """
+    """Segment patterns choosing which parameters may be offloaded; empty means any parameter,
+    in order, until ``cpu_offload_gb`` is used up."""
 
     use_unified_addressing: bool = True
-    """Read offloaded parameters in place through a device view of the pinned memory.
-
-    False (or the environment variable ``OFFLOAD_COMPILER_DISABLE_UVA=1``, or a machine
-    without unified addressing) makes the graph copy each offloaded parameter to the
-    device right before its use instead.
-    """
+    """Read offloaded parameters in place through a device view of the pinned memory. False (or
+    ``OFFLOAD_COMPILER_DISABLE_UVA=1``, or a machine without unified addressing) makes the graph
+    copy each offloaded parameter to the device right before its use instead."""
 
 
 class PrefetchOffloadConfig(_FrozenConfig):
-    """Prefetch offloading: whole layers live on the host and are copied ahead of use.
-
-    Offloaded layers share a few static GPU slot buffers; the copy into a slot is
-    issued on a side stream ``offload_prefetch_step`` layers early so that it
-    overlaps with the compute of the layers that stay resident.
-    """
+    """Prefetch offloading: whole layers live on the host and are copied into a few shared GPU
+    slot buffers on a side stream, ``offload_prefetch_step`` layers ahead of use."""
 
     offload_group_size: int = Field(default=0, ge=0)
     """Split the repeated layers into groups of this many; 0 disables prefetch offloading.
-
-    Example: group 8 with 2 offloaded per group offloads layers 6, 7, 14, 15, ...
-    """
+    E.g. group 8 with 2 offloaded per group offloads layers 6, 7, 14, 15, ..."""
 
     offload_num_in_group: int = Field(default=1, ge=1)
     """How many layers at the end of each group are offloaded; at most ``offload_group_size``.
-
-    The resident layers before them are what hides the copy latency.
-    """
+    The resident layers before them hide the copy latency."""
 
     offload_prefetch_step: int = Field(default=1, ge=0)
-    """How many offloaded layers ahead to prefetch, which is also the number of GPU slots.
-
-    More hides more latency at the cost of one slot of GPU memory each; must be
-    >= 1 whenever prefetch offloading is enabled.
-    """
+    """How many offloaded layers ahead to prefetch, which is also the number of GPU slots (one
+    slot of GPU memory each); >= 1 whenever prefetch offloading is enabled."""
 
     offload_params: SegmentPatterns = frozenset()
-    """Segment patterns choosing which parameters of an offloaded layer are offloaded.
-
-    Empty means all of them; e.g. ``{"experts"}`` keeps attention weights resident.
-    """
+    """Segment patterns choosing which parameters of an offloaded layer are offloaded; empty
+    means all of them (e.g. ``{"experts"}`` keeps attention weights resident)."""
 
     offload_per_param: bool = True
-    """Stream each parameter on its own: the copy of parameter j of the next layer of a slot
-    starts as soon as this layer's last read of parameter j is done, and each parameter is
-    waited for right before its first read, so one slot behaves almost like two. False gives
-    one wait and one start per layer (docs/configuration.md).
-    """
+    """Stream each parameter on its own: parameter j of a slot's next layer is copied as soon as
+    this layer's last read of j is done, and waited for right before its first read, so one slot
+    behaves almost like two. False gives one wait and one start per layer."""
 
     offload_capturable: bool = False
-    """Compile every offloaded graph with the schedule a CUDA graph needs, whatever the mode:
-    the copy stream rejoined before the graph returns, and the next forward's first copies
-    started at its top rather than at this forward's end. The compiled model can then be
-    captured into a CUDA graph outside Inductor, by ``torch.cuda.graph`` or by a serving
-    framework's own CUDA-graph wrapper; without it such a capture fails with an error naming
-    this option. ``mode="reduce-overhead"`` always uses this schedule. Replays of a graph
-    captured by hand run no Python: after changing weights, call
-    ``offload_compiler.reload_weights`` before the next replay.
-    """
+    """Compile every offloaded graph with the schedule a CUDA graph needs (copies rejoined
+    before it returns, the next forward's first ones started at its top, as under
+    ``mode="reduce-overhead"``), so that it can be captured outside Inductor
+    (``torch.cuda.graph``, a serving framework's wrapper). Such replays run no Python: after
+    changing weights, call ``offload_compiler.reload_weights``."""
 
     offload_host_copies: bool = True
     """Under CUDA graphs (``mode="reduce-overhead"``), leave the prefetch copies out of the
-    graphs: the host issues them on the copy stream after each replay, and counters in device
-    memory order them with the graph's reads (a one-thread kernel where a read must wait, another
-    where a slot is free); captured as memcpy nodes, the copies of some recordings ran slower
-    (docs/configuration.md). False captures the copies into the graphs, joined before each
-    graph ends. ``offload_capturable`` implies False (its graphs
-    are replayed by their owner, with no host step to issue copies); no effect on CPU.
-    """
+    graphs (captured, some recordings' copies run slower): the host issues them after each
+    replay, ordered with the graph's reads by counters in device memory. False captures them.
+    ``offload_capturable`` implies False (its replays have no host step); no effect on CPU."""
 
     def is_offloaded_layer(self, index: int) -> bool:
         """Whether repeated block ``index`` is offloaded, i.e. among the last of its group."""
-        group_size = self.offload_group_size
-        if group_size == 0:
-            return False
-        return index % group_size >= group_size - self.offload_num_in_group
+        group = self.offload_group_size
+        return group > 0 and index % group >= group - self.offload_num_in_group
 
     def offloaded_layers(self, num_layers: int) -> list[int]:
         """Indices, ascending, of the offloaded layers among ``num_layers`` repeated blocks."""
@@ -173,11 +128,8 @@ class OffloadConfig(_FrozenConfig):
     """Everything the ``offload`` backend reads from ``torch.compile(options=...)``."""
 
     offload_backend: OffloadBackend = "auto"
-    """Which offloading mechanism to use.
-
-    ``"auto"`` picks from whichever sub-config is set: prefetch when
-    ``prefetch.offload_group_size > 0``, else UVA when ``uva.cpu_offload_gb > 0``.
-    """
+    """Which offloading mechanism to use. ``"auto"`` picks prefetch when
+    ``prefetch.offload_group_size > 0``, else UVA when ``uva.cpu_offload_gb > 0``."""
 
     uva: UVAOffloadConfig = Field(default_factory=UVAOffloadConfig)
     """Settings used by the UVA backend."""
@@ -186,25 +138,16 @@ class OffloadConfig(_FrozenConfig):
     """Settings used by the prefetch backend."""
 
     layers_path: str | None = None
-    """Dotted path, relative to the compiled module, of the ``nn.ModuleList`` of repeated blocks.
-
-    E.g. ``"model.layers"``. ``None`` discovers the longest ``ModuleList``, which
-    is right for ordinary decoder stacks but can be wrong when a model has
-    several lists; the path makes the choice explicit.
-    """
+    """Dotted path, relative to the compiled module, of the ``nn.ModuleList`` of repeated blocks
+    (e.g. ``"model.layers"``). ``None`` takes the longest ``ModuleList``, which can be wrong
+    when a model has several."""
 
     mode: InductorMode | None = None
-    """Inductor mode to compile with.
-
-    Carried here because ``torch.compile`` refuses ``mode=`` together with ``options=``.
-    """
+    """Inductor mode to compile with (``torch.compile`` refuses ``mode=`` with ``options=``)."""
 
     poison_slots: bool = False
-    """Debugging aid: fill a slot with NaN on the compute stream before each prefetch copy.
-
-    A read of the slot after its copy began, i.e. a missing wait, then shows up
-    as NaN in the output instead of as silently stale weights.
-    """
+    """Debugging aid: fill a slot with NaN on the compute stream before each prefetch copy, so
+    that a missing wait shows up as NaN in the output instead of as silently stale weights."""
 
     @field_validator("layers_path")
     @classmethod
@@ -234,20 +177,18 @@ class OffloadConfig(_FrozenConfig):
                     "when prefetch offloading is enabled (offload_group_size > 0)"
                 )
 
-        # Mismatches are honoured (the chosen backend wins), so they only warn.
+        # mismatches are honoured (the chosen backend wins), so they only warn
         uva_active = self.uva.cpu_offload_gb > 0
         prefetch_active = prefetch.offload_group_size > 0
+        ignored = None
         if self.offload_backend == "uva" and prefetch_active:
-            warnings.warn(
-                "Prefetch offload fields are set but offload_backend='uva'. "
-                "Prefetch settings will be ignored.",
-                UserWarning,
-                stacklevel=2,
-            )
+            ignored = "Prefetch"
         elif self.offload_backend == "prefetch" and uva_active:
+            ignored = "UVA"
+        if ignored is not None:
             warnings.warn(
-                "UVA offload fields are set but offload_backend='prefetch'. "
-                "UVA settings will be ignored.",
+                f"{ignored} offload fields are set but offload_backend={self.offload_backend!r}. "
+                f"{ignored} settings will be ignored.",
                 UserWarning,
                 stacklevel=2,
             )
@@ -273,12 +214,8 @@ class OffloadConfig(_FrozenConfig):
         return None
 
     def compute_hash(self) -> str:
-        """SHA-256 hex digest identifying this config, for the compile cache key.
-
-        Every field is included: each one changes which layers are rewritten,
-        how the prefetch ops are placed, or how Inductor compiles the graph.
-        The digest is the same in every process, whatever ``PYTHONHASHSEED``.
-        """
+        """SHA-256 hex digest of every field, for the compile cache key; the same in every
+        process, whatever ``PYTHONHASHSEED``."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(f"{_HASH_SCHEMA}:{canonical}".encode()).hexdigest()
 

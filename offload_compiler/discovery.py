@@ -1,13 +1,9 @@
 """Which module holds the repeated blocks, and which graph placeholder is which parameter.
 
-Dynamo hands the backend parameters as placeholders whose ``meta["grapharg"].source`` spells the
-attribute path from a frame local or global, e.g.
-``L['self']._modules['layers']._modules['3']._modules['mlp']._parameters['weight']``. Its base
-is the module the graph reaches the parameter from; the layer list is found on the outermost such
-module, and parameters are matched to layers by identity. Layer indices are positions in that
-ModuleList, global across the model, so several graphs of one model (graph breaks) agree on
-layer numbers and slots.
-"""
+A parameter placeholder's ``meta["grapharg"].source`` spells its path from a frame local or
+global (``L['self']._modules['layers']._modules['3']._parameters['weight']``); the layer list is
+found on the outermost base module and parameters are matched to layers by identity, so the
+graphs of one model agree on layer indices and slots."""
 
 from __future__ import annotations
 
@@ -18,10 +14,9 @@ from dataclasses import dataclass
 from torch import fx, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-# Parameter -> LayerList it belongs to, for every list that was planned. Lets a graph that
-# reaches a layer's parameters from the layer alone (a graph break inside the loop over the
-# layers makes Dynamo compile each layer's forward on its own) find the list that place_model
-# or an earlier graph already discovered.
+# Parameter -> (path, list, root) of its layer list, for every list planned: a graph that reaches
+# a layer's parameters from the layer alone (after a graph break in the loop over the layers)
+# finds the list that place_model or an earlier graph discovered.
 _KNOWN_LAYER_LISTS = WeakIdKeyDictionary()
 
 
@@ -30,19 +25,16 @@ class LayerDiscoveryError(ValueError):
 
 
 def find_layer_list(root: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of repeated blocks: ``path`` if given, else the longest one in ``root``.
-
-    A block is a child module that has parameters, so lists of activation functions or empty
-    containers do not count, nor do lists inside another list's blocks. Ties go to the first
-    list in registration order.
-    """
+    """The ModuleList of repeated blocks: ``path`` if given, else the longest one in ``root``
+    (see `_candidate_lists`; ties go to the first in registration order)."""
     if path is not None:
         try:
             module = root.get_submodule(path)
         except AttributeError as err:
+            found = ", ".join(f"{name} ({len(m)})" for name, m in _candidate_lists(root))
             raise LayerDiscoveryError(
                 f"layers_path={path!r} does not name a submodule of "
-                f"{type(root).__name__}: {err}. Candidates: {_candidates(root) or 'none'}"
+                f"{type(root).__name__}: {err}. Candidates: {found or 'none'}"
             ) from None
         if not isinstance(module, nn.ModuleList):
             raise LayerDiscoveryError(
@@ -94,8 +86,8 @@ def known_layer_lists(params: list[nn.Parameter]) -> list[LayerList]:
 
 
 def _candidate_lists(root: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """Lists of blocks with parameters that are not inside another such list's blocks (the
-    experts of an MoE layer can outnumber the layers, but they are not the model's layers)."""
+    """Non-empty lists whose every block has parameters, not inside another such list's blocks
+    (the experts of an MoE layer can outnumber the layers, but they are not the layers)."""
     lists = [
         (name, module)
         for name, module in root.named_modules()
@@ -110,10 +102,6 @@ def _candidate_lists(root: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     ]
 
 
-def _candidates(root: nn.Module) -> str:
-    return ", ".join(f"{name} ({len(m)})" for name, m in _candidate_lists(root))
-
-
 @dataclass(frozen=True)
 class ParamPlaceholder:
     """A placeholder of Dynamo's graph that reads a parameter."""
@@ -124,22 +112,15 @@ class ParamPlaceholder:
 
 def param_placeholders(gm: fx.GraphModule) -> list[ParamPlaceholder]:
     """Every placeholder of ``gm`` whose value is an ``nn.Parameter``."""
-    found = []
-    for node in gm.graph.find_nodes(op="placeholder"):
-        example = getattr(node.meta.get("grapharg"), "example", None)
-        if isinstance(example, nn.Parameter):
-            found.append(ParamPlaceholder(node, example))
-    return found
+    return [
+        ParamPlaceholder(node, example)
+        for node in gm.graph.find_nodes(op="placeholder")
+        if isinstance(example := getattr(node.meta.get("grapharg"), "example", None), nn.Parameter)
+    ]
 
 
-# The base of a parameter source under inline_inbuilt_nn_modules, e.g. L['self'] in
-# L['self']._modules['layers']._modules['3']._parameters['weight'].
+# The base of a parameter source under inline_inbuilt_nn_modules (L['self'] in the example above)
 _SOURCE_BASE = re.compile(r"^(?P<base>.+?)(?:\._modules\['[^']+'\])*\._parameters\['[^']+'\]$")
-
-
-def _source_name(source: object) -> str:
-    name = source.name  # a property on torch >= 2.11, a method before
-    return name() if callable(name) else name
 
 
 def _frame_scope() -> dict[str, dict[str, object]]:
@@ -153,18 +134,14 @@ def _frame_scope() -> dict[str, dict[str, object]]:
 
 
 def candidate_roots(gm: fx.GraphModule) -> list[nn.Module]:
-    """The outermost modules the graph's parameters are reached from.
-
-    Those are the bases of the parameters' sources and the modules among the frame's locals.
-    The locals matter after a graph break inside a loop over the layers: the resumed frame
-    reaches the current layer's parameters through the loop variable (``L['layer']``), while
-    ``L['self']`` is the model that holds the layer list. Modules inside another candidate are
-    dropped, so a block's own ModuleList (experts, say) is never taken for the model's layers.
-    """
+    """The outermost modules the graph's parameters are reached from: the bases of their
+    sources and the frame's local modules (after a graph break in a loop over the layers,
+    ``L['layer']`` reaches a layer while ``L['self']`` holds the list). Modules inside another
+    are dropped, so a block's own ModuleList is never taken for the layers."""
     scope = _frame_scope()
     modules: dict[int, nn.Module] = {}
     for placeholder in param_placeholders(gm):
-        match = _SOURCE_BASE.match(_source_name(placeholder.node.meta["grapharg"].source))
+        match = _SOURCE_BASE.match(placeholder.node.meta["grapharg"].source.name)
         if match is not None:
             base = eval(match["base"], {}, scope)  # a source is a Python expression over L, G
             if isinstance(base, nn.Module):

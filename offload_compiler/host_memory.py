@@ -1,18 +1,11 @@
 """Host memory of offloaded weights: pinned host copies, and parameters that read them.
 
 An offloaded parameter keeps exactly one copy of its values, in pinned host memory (pageable
-memory would make every ``non_blocking`` copy synchronous). On a CUDA machine the ``Parameter``
-itself is re-pointed at a CUDA view of that pinned memory (unified addressing), so
-``state_dict()``, eager calls and Dynamo's tracing read the true weights while no GPU memory is
-spent on them; the compiled graph reads the slot buffers instead.
-
-On a CPU-only machine there is nothing to pin: the parameter's own tensor is the host copy and
-the "prefetch" is a synchronous copy into a slot, which exercises the same graph.
-
-PyTorch's pinned allocator rounds every request up to a power of two (so that freed blocks can
-be reused): pinned one by one, each 112 MiB MLP weight of a Llama-3-8B layer would hold 128 MiB,
-11% more host memory than the weights. Parameters offloaded together are therefore packed into
-a few power-of-two blocks (`plan_pinned_blocks`), which lose only their unfilled tails.
+memory would make every ``non_blocking`` copy synchronous). On CUDA the ``Parameter`` itself is
+re-pointed at a CUDA view of that pinned memory (unified addressing), so ``state_dict()``, eager
+calls and Dynamo's tracing read the true weights using no GPU memory. On a CPU-only machine the
+parameter's own tensor is the host copy. PyTorch's pinned allocator rounds every request up to a
+power of two, so parameters offloaded together are packed into a few power-of-two blocks.
 """
 
 from __future__ import annotations
@@ -25,9 +18,8 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-# Parameter -> its host copy. Weak, so a model that is dropped frees its pinned memory; shared by
-# `place_model` and the backend so that a model placed ahead of compile is not copied twice.
-# Keyed by identity: a WeakKeyDictionary would compare tensors with ==, elementwise.
+# Parameter -> its host copy, shared by `place_model` and the backend. Weak, so a dropped model
+# frees its pinned memory; by identity, as a WeakKeyDictionary would compare tensors with ==.
 _HOST_COPIES = WeakIdKeyDictionary()
 
 
@@ -50,11 +42,8 @@ class _CudaArrayInterface:
 
 
 def cuda_view_of_pinned(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CUDA tensor that reads and writes ``host`` (pinned) in place, using no GPU memory.
-
-    For memory pinned by PyTorch the device address equals the host address (unified
-    addressing), so the view is built from the host pointer.
-    """
+    """A CUDA tensor that reads and writes ``host`` (pinned) in place, using no GPU memory (for
+    memory pinned by PyTorch the device address is the host address: unified addressing)."""
     if not host.is_pinned():
         raise ValueError("a device view needs pinned host memory")
     with torch.cuda.device(device):
@@ -62,10 +51,8 @@ def cuda_view_of_pinned(host: torch.Tensor, device: torch.device) -> torch.Tenso
     return raw.view(host.dtype)
 
 
-# Offsets of tensors inside a pinned block: a page, so every copy starts page-aligned.
-_ALIGN = 4096
-# The largest block the planner opens for many tensors (a larger tensor gets a block of its own).
-_MAX_BLOCK = 1 << 30
+_ALIGN = 4096  # offsets in a block: a page, so every copy starts page-aligned
+_MAX_BLOCK = 1 << 30  # the largest block opened for many tensors (a larger one gets its own)
 
 
 @dataclass(frozen=True)
@@ -76,20 +63,13 @@ class PinnedBlocks:
     places: tuple[tuple[int, int], ...]  # per request, in request order: (block, byte offset)
 
 
-def _power_of_two_at_least(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def plan_pinned_blocks(
     sizes: Sequence[int], max_block: int = _MAX_BLOCK, align: int = _ALIGN
 ) -> PinnedBlocks:
-    """Pack requests of ``sizes`` bytes into power-of-two blocks, first fit, largest first.
-
-    A block is opened for a request that fits in no open block, as large as the bytes still to
-    place allow without waste (the largest power of two not above them, at most ``max_block``)
-    but never smaller than the request rounded up to a power of two. Requests start at multiples
-    of ``align`` (a power of two) and zero-byte requests take ``align`` bytes.
-    """
+    """Pack requests of ``sizes`` bytes into power-of-two blocks, first fit, largest first. A
+    request that fits in no open block opens one of the largest power of two not above the bytes
+    still to place (at most ``max_block``), at least the request rounded up to a power of two.
+    Requests start at multiples of ``align``; zero-byte requests take ``align`` bytes."""
     padded = [max(align, -(-size // align) * align) for size in sizes]
     places: dict[int, tuple[int, int]] = {}  # request -> (block, offset)
     blocks: list[int] = []
@@ -100,7 +80,7 @@ def plan_pinned_blocks(
         block = next((b for b, cap in enumerate(blocks) if cap - used[b] >= size), None)
         if block is None:
             largest_not_above_left = 1 << (left.bit_length() - 1)
-            blocks.append(max(_power_of_two_at_least(size), min(max_block, largest_not_above_left)))
+            blocks.append(max(1 << (size - 1).bit_length(), min(max_block, largest_not_above_left)))
             used.append(0)
             block = len(blocks) - 1
         places[i] = (block, used[block])
@@ -122,12 +102,8 @@ def _pinned_block(nbytes: int) -> torch.Tensor:
 
 
 class PinnedArena:
-    """Pinned host tensors shaped like ``tensors``, carved from shared power-of-two blocks.
-
-    Each tensor is a view of its block; a block is freed when the last view of it is (dropping
-    the arena frees nothing in use). ``allocate`` makes a block of the given size (pinned; a
-    test may pass plain host memory).
-    """
+    """Pinned host tensors shaped like ``tensors``, carved from shared power-of-two blocks (a
+    block is freed with its last view). ``allocate`` makes a block (a test may pass unpinned)."""
 
     def __init__(
         self,
@@ -150,15 +126,10 @@ class PinnedArena:
 
 
 class OffloadedParameter(nn.Parameter):
-    """An offloaded ``nn.Parameter`` whose every change shows in its version counter.
-
-    The compiled graph reads slot buffers filled ahead of use, some of them at the end of the
-    previous call, so it must know when the host copy changed (`OffloadRuntime.refresh`). In
-    place changes through the parameter (``param.copy_``, ``load_state_dict``) bump
-    ``param._version``; a plain ``param.data`` is a tensor with a counter of its own, so here
-    ``.data`` is ``detach()`` (which shares the counter: ``param.data.copy_(w)`` and
-    ``param.data += delta`` count) and assigning ``.data`` bumps the counter too.
-    """
+    """An offloaded ``nn.Parameter`` whose every change shows in its version counter, since
+    slots filled ahead of use must be refilled when the host copy changes (`refresh`). A plain
+    ``param.data`` has a counter of its own, so here ``.data`` is ``detach()``, which shares the
+    parameter's (``param.data.copy_(w)`` counts), and assigning ``.data`` bumps it too."""
 
     @property
     def data(self) -> torch.Tensor:
@@ -171,8 +142,8 @@ class OffloadedParameter(nn.Parameter):
 
 
 def mark_offloaded(param: torch.Tensor) -> None:
-    """Make ``param`` an `OffloadedParameter` (a parameter of another subclass keeps its class:
-    its changes through ``.data`` are then seen only by `offload_compiler.reload_weights`)."""
+    """Make ``param`` an `OffloadedParameter` (one of another subclass keeps its class: changes
+    through its ``.data`` are then seen only by `offload_compiler.reload_weights`)."""
     if type(param) is nn.Parameter:
         param.__class__ = OffloadedParameter
     elif not isinstance(param, OffloadedParameter):
@@ -185,8 +156,7 @@ def mark_offloaded(param: torch.Tensor) -> None:
 
 
 def remember_host_copy(param: torch.Tensor, host: torch.Tensor) -> None:
-    """Record ``host`` as the offloaded ``param``'s host copy (what the backend then finds)
-    and make ``param`` an `OffloadedParameter`."""
+    """Record ``host`` as ``param``'s host copy and make ``param`` an `OffloadedParameter`."""
     _HOST_COPIES[param] = host
     mark_offloaded(param)
 
@@ -197,14 +167,9 @@ def host_copy(param: torch.Tensor) -> torch.Tensor | None:
 
 
 def offload_parameters(params: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Move each of ``params``' values to host memory and return those host copies (idempotent:
-    a parameter offloaded before keeps its copy).
-
-    With ``device`` CUDA, the values go to pinned memory (those not offloaded yet packed into
-    shared power-of-two blocks, see `PinnedArena`) and each ``param.data`` becomes a device view
-    of it, its former storage released before the next parameter is copied. With ``device``
-    CPU each parameter's own storage is its host copy.
-    """
+    """Move each of ``params``' values to host memory and return those host copies (a parameter
+    offloaded before keeps its copy): on CUDA into a `PinnedArena`, each ``param.data`` becoming
+    a device view, its former storage freed before the next copy; on CPU in place."""
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"offloading to {device.type} is not supported (cuda or cpu)")
     if device.type == "cpu":
@@ -217,8 +182,7 @@ def offload_parameters(params: Sequence[torch.Tensor], device: torch.device) -> 
         if arena is None:
             host = param.detach()
         else:
-            host = arena.empty(index)
-            host.copy_(param.detach())
+            host = arena.empty(index).copy_(param.detach())
             param.data = cuda_view_of_pinned(host, device)
         remember_host_copy(param, host)
     return [_HOST_COPIES[p] for p in params]
@@ -226,20 +190,17 @@ def offload_parameters(params: Sequence[torch.Tensor], device: torch.device) -> 
 
 def adopt_values(param: torch.Tensor, host: torch.Tensor, name: str, device: torch.device) -> None:
     """Make ``host`` the offloaded storage of ``param`` again after ``param`` was given other
-    storage (``param.data = new``, or a new Parameter from ``load_state_dict(assign=True)``):
-    its values are copied into ``host`` (whose address compiled graphs keep) and ``param``
-    reads ``host`` again, through a device view where ``host`` is pinned."""
-    if host.data_ptr() == param.data_ptr():
-        remember_host_copy(param, host)
-        return
-    value = param.detach()
-    if (value.shape, value.stride(), value.dtype) != (host.shape, host.stride(), host.dtype):
-        raise ValueError(
-            f"offloaded parameter {name} was replaced by a tensor of shape "
-            f"{tuple(value.shape)}, strides {value.stride()} and {value.dtype}; its host copy "
-            f"is {tuple(host.shape)}, {host.stride()}, {host.dtype}. Change offloaded weights "
-            "in place (param.copy_, load_state_dict) or with the same layout."
-        )
-    host.copy_(value)  # synchronous: the values are in place when it returns
-    param.data = cuda_view_of_pinned(host, device) if device.type == "cuda" else host
+    storage (``param.data = new``, ``load_state_dict(assign=True)``): its values are copied into
+    ``host`` (whose address compiled graphs keep), which ``param`` then reads."""
+    if host.data_ptr() != param.data_ptr():
+        value = param.detach()
+        if (value.shape, value.stride(), value.dtype) != (host.shape, host.stride(), host.dtype):
+            raise ValueError(
+                f"offloaded parameter {name} was replaced by a tensor of shape "
+                f"{tuple(value.shape)}, strides {value.stride()} and {value.dtype}; its host copy "
+                f"is {tuple(host.shape)}, {host.stride()}, {host.dtype}. Change offloaded weights "
+                "in place (param.copy_, load_state_dict) or with the same layout."
+            )
+        host.copy_(value)  # synchronous: the values are in place when it returns
+        param.data = cuda_view_of_pinned(host, device) if device.type == "cuda" else host
     remember_host_copy(param, host)

@@ -1,11 +1,6 @@
-"""Put a model on the GPU without ever holding it whole there.
-
-A model whose weights do not fit on the GPU cannot be moved with ``model.cuda()`` and offloaded
-afterwards. `place_model` walks the parameters of a model built on the CPU one at a time: those
-the configuration offloads (the prefetch backend's layers, or the UVA backend's parameters in
-model order up to its budget) go to pinned host memory (the parameter becomes a zero-memory CUDA
-view of it; the pinned blocks are allocated first, then filled one parameter at a time), all
-others to the GPU. The backend then finds the host copies already made.
+"""Put a model on the GPU without ever holding it whole there (``model.cuda()`` first would
+not fit): the parameters the configuration offloads go to pinned host memory, the others to the
+GPU, one at a time; the backend then finds the host copies already made.
 """
 
 from __future__ import annotations
@@ -29,11 +24,8 @@ def place_model(
     options: OffloadConfig | Mapping[str, Any] | None = None,
     device: torch.device | str = "cuda",
 ) -> nn.Module:
-    """Place ``model`` for the ``offload`` backend with ``options``; returns ``model``.
-
-    Call it on a model whose weights are on the CPU, with the options later given to
-    ``torch.compile``. Peak GPU memory is the resident weights alone.
-    """
+    """Place ``model`` (weights on the CPU) for the ``offload`` backend with the ``options`` later
+    given to ``torch.compile``; returns it. Peak GPU memory is the resident weights alone."""
     config = OffloadConfig.from_options(options)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -56,8 +48,7 @@ def place_model(
 
 
 def offloaded_parameters(model: nn.Module, config: OffloadConfig) -> list[nn.Parameter]:
-    """The parameters of ``model`` that ``config`` offloads: the prefetch plan's layers'
-    parameters, or UVA's in model order up to its budget (none without a backend)."""
+    """The parameters of ``model`` that ``config`` offloads (none without a backend)."""
     if config.selected_backend == "prefetch":
         found = layer_list_of(model, config.layers_path)
         layers = found.layers
@@ -71,13 +62,10 @@ def offloaded_parameters(model: nn.Module, config: OffloadConfig) -> list[nn.Par
 
 def reload_weights(model: nn.Module) -> None:
     """Make the next call of ``model``'s compiled graphs use its offloaded weights as they are
-    now, however they were written.
-
-    Changes through a parameter, its ``.data`` or ``load_state_dict`` are found without it
-    (each call checks the parameters' version counters). Call it after writes no version
-    counter sees: through the storage itself (``untyped_storage()``, a NumPy or DLPack alias),
-    through ``.data`` of a parameter of an ``nn.Parameter`` subclass, or before replaying a
-    CUDA graph captured by hand (``prefetch.offload_capturable``), whose replays run no Python.
+    now. Changes through a parameter, its ``.data`` or ``load_state_dict`` are found without it
+    (by version counters); call it after writes no counter sees: through the storage itself
+    (``untyped_storage()``, a NumPy or DLPack alias), through ``.data`` of an ``nn.Parameter``
+    subclass, or before replaying a CUDA graph captured by hand (``offload_capturable``).
     """
     runtimes = runtimes_of(model)
     if not runtimes:

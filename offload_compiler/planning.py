@@ -1,8 +1,5 @@
 """Which layers and parameters are offloaded, and which slot each layer uses (prefetch), or
-which parameters stay in host memory (UVA).
-
-Pure bookkeeping over a ModuleList and the prefetch config: no memory is touched here, so the
-plan can be inspected (and tested) before anything moves.
+which parameters stay in host memory (UVA). Pure bookkeeping: no memory is touched here.
 """
 
 from __future__ import annotations
@@ -43,8 +40,7 @@ class OffloadPlan:
         return min(self.prefetch_step, len(self.layers))
 
     def parameters(self, layers: nn.ModuleList) -> list[nn.Parameter]:
-        """The offloaded parameters of ``layers`` (the ModuleList planned), layer by layer in
-        plan order, each layer's in the order of its ``params``."""
+        """The offloaded parameters of ``layers`` (the ModuleList planned), in plan order."""
         chosen = []
         for layer in self.layers:
             params = dict(layers[layer.index].named_parameters())
@@ -56,14 +52,9 @@ class OffloadPlan:
         return self._by_index.get(index)
 
     def next_in_slot(self, layer: OffloadedLayer) -> OffloadedLayer:
-        """The layer whose weights go into ``layer``'s slot once ``layer`` is done with it.
-
-        That is the layer ``prefetch_step`` ahead; past the last offloaded layer it wraps to the
-        first user of the same slot in the next forward (so the copy engine keeps working across
-        forwards). When the number of offloaded layers is a multiple of ``prefetch_step`` this is
-        exactly ``(k + step) % n``; otherwise it is the only choice that never overwrites a slot
-        before its reader has run.
-        """
+        """The layer copied into ``layer``'s slot once ``layer`` is done with it: the one
+        ``prefetch_step`` ahead, past the last the slot's first user in the next forward (not
+        ``(k + step) % n``, which could overwrite a slot before its reader ran)."""
         ahead = layer.position + self.prefetch_step
         if ahead < len(self.layers):
             return self.layers[ahead]
@@ -75,12 +66,8 @@ class OffloadPlan:
 
 
 def shared_parameters(layers: nn.ModuleList, root: nn.Module | None) -> set[int]:
-    """Ids of the layers' parameters that are also used outside their own layer.
-
-    A weight tied to another layer or to a module outside the list (an embedding tied to a
-    layer's projection, say) is read outside its layer's span, while its slot is already being
-    refilled for the next layer: such parameters stay resident.
-    """
+    """Ids of the layers' parameters also used outside their own layer (tied weights): read
+    while the layer's slot is refilled for the next, they stay resident."""
     owners: dict[int, set[int]] = {}
     for index, block in enumerate(layers):
         for param in block.parameters():
@@ -100,12 +87,9 @@ def plan_prefetch(
     config: PrefetchOffloadConfig,
     shared: Collection[int] = (),
 ) -> OffloadPlan:
-    """Choose the offloaded layers (``i % group >= group - num_in_group``) and their params.
-
-    With ``offload_params`` set, only parameters whose full name matches one of its segment
-    patterns are offloaded, and a layer left with none is not offloaded at all. Parameters in
-    ``shared`` (see `shared_parameters`) are never offloaded.
-    """
+    """Choose the offloaded layers (``i % group >= group - num_in_group``) and their params:
+    those not in ``shared`` and matching ``offload_params`` (when set); a layer left with none
+    is not offloaded."""
     chosen: list[OffloadedLayer] = []
     for index in config.offloaded_layers(len(layers)):
         named = list(layers[index].named_parameters())

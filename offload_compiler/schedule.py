@@ -1,8 +1,6 @@
-"""What one compile will do, resolved once from the options, the Inductor mode and the device.
-
-Every choice that depends on more than one option is made here, and everything downstream
-(binding the graph's parameters to slots, the FX pass, the runtime, the Inductor call) reads the
-resulting `Schedule` instead of the options.
+"""What one compile will do, resolved once from the options, the Inductor mode and the device:
+every choice that depends on more than one option is made here, and everything downstream reads
+the resulting `Schedule` instead of the options.
 """
 
 from __future__ import annotations
@@ -23,16 +21,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Schedule:
-    """The resolved plan of one compile.
-
-    ``counter_ordering``: the runtime orders its copies with counters in device memory
-    (`runtime.counter_order`) rather than events, in every mode, so that compiles of one model
-    in several modes share one runtime. ``host_issued_copies``: this compile's CUDA graphs hold
-    no copy; the host issues them after each replay. ``rejoin``: the graph joins its copy
-    stream before it returns, which a CUDA graph requires of copies it captures.
-    ``staged_inputs``: inputs that cudagraph trees would copy are staged so the graphs launch
-    on a stream of their own (`runtime.staging`).
-    """
+    """The resolved plan of one compile. ``counter_ordering``: copies are ordered by counters
+    (`runtime.counter_order`), not events, in every mode, so that compiles of one model in
+    several modes share one runtime. ``host_issued_copies``: the CUDA graphs hold no copy; the
+    host issues them after each replay. ``rejoin``: the graph joins its copy stream before it
+    returns, as a capture requires."""
 
     backend: Literal["prefetch", "uva"] | None
     device: torch.device
@@ -47,15 +40,13 @@ class Schedule:
 
     @property
     def staged_inputs(self) -> bool:
+        """Inputs cudagraph trees would copy are staged (`runtime.staging`)."""
         return self.cudagraphs and self.device.type == "cuda"
 
 
 def resolve(config: OffloadConfig, mode: str | None, device: torch.device) -> Schedule:
-    """The schedule of a compile of a graph whose parameters are on ``device``.
-
-    ``mode`` is what torch.compile passed (``config.mode`` wins: torch.compile refuses ``mode=``
-    together with ``options=``), mapped to Inductor's options as Inductor's own wrapper maps it.
-    """
+    """The schedule of a compile of a graph whose parameters are on ``device``; ``mode`` is what
+    torch.compile passed (``config.mode`` wins), mapped to options as Inductor's wrapper does."""
     patches = dict(list_mode_options(config.mode or mode or "default"))
     cudagraphs = bool(patches.get("triton.cudagraphs", torch._inductor.config.triton.cudagraphs))
     prefetch = config.prefetch
@@ -67,9 +58,8 @@ def resolve(config: OffloadConfig, mode: str | None, device: torch.device) -> Sc
         counters = False
     host_issued = cudagraphs and counters
     if host_issued:
-        # one CUDA graph per compiled graph: a call is then a warm-up, a recording or a replay,
-        # never a replay followed by another piece's recording (which synchronizes the device
-        # before the replay's copies are issued)
+        # one CUDA graph per compiled graph: never a replay followed by another piece's recording
+        # (which synchronizes the device before the replay's copies are issued)
         patches["graph_partition"] = False
     return Schedule(
         backend=config.selected_backend,

@@ -19,9 +19,7 @@ _Computed = tuple[fx.Node, StorageWeakRef | None, list[fx.Node]]
 
 
 def computed_tensors(graph: fx.Graph) -> list[_Computed]:
-    """Every node but the placeholders, in graph order, with the storage of its value and its
-    tensor inputs: what `_slot_reads` looks at, worked out once per graph rather than once per
-    layer and parameter."""
+    """Every non-placeholder node in graph order, with its value's storage and tensor inputs."""
     computed = []
     for node in graph.nodes:
         if node.op == "placeholder":
@@ -36,13 +34,9 @@ def computed_tensors(graph: fx.Graph) -> list[_Computed]:
 def reading_slots(
     computed: list[_Computed], slots: list[fx.Node], storages: set[StorageWeakRef]
 ) -> set[fx.Node]:
-    """Nodes whose values are the layer's slots or computed from them alone.
-
-    That is the slot placeholders, their views, and weight-only computations (a dtype cast of a
-    norm weight, say). Their users are the layer's readers; the span to fence runs from the
-    first to the last of those users, since Inductor may inline a weight-only computation into
-    any of them.
-    """
+    """Nodes whose values are the layer's slots or computed from them alone (views, a dtype cast
+    of a norm weight). The span to fence runs from the first to the last of their users, since
+    Inductor may inline a weight-only computation into any of them."""
     reads = set(slots)
     for node, storage, inputs in computed:
         if storage in storages or (inputs and all(i in reads for i in inputs)):
@@ -52,57 +46,41 @@ def reading_slots(
 
 def anchor_test(input_storages: set[StorageWeakRef]):
     """Whether a node may be declared mutated: a computed tensor that aliases no graph input."""
-
-    def is_anchor(node: fx.Node) -> bool:
-        storage = storage_of(node)
-        return (
-            node.op in ("call_function", "call_method", "call_module")
-            and storage is not None
-            and storage not in input_storages
-        )
-
-    return is_anchor
+    return lambda node: (
+        node.op in ("call_function", "call_method", "call_module")
+        and (storage := storage_of(node)) is not None
+        and storage not in input_storages
+    )
 
 
-def live_into(graph, first: fx.Node, last: fx.Node, order, is_anchor) -> list[fx.Node]:
-    """Activations defined before ``first`` and used inside the span ``first..last``."""
-    start, end = order[first], order[last]
-    live = {}
-    for node in graph.nodes:
-        if start <= order[node] <= end:
-            for inp in node.all_input_nodes:
-                if order[inp] < start and is_anchor(inp):
-                    live[inp] = None
+def live_into(nodes: list[fx.Node], is_anchor) -> list[fx.Node]:
+    """Activations defined before the span ``nodes`` (in graph order) and used inside it."""
+    inside = set(nodes)
+    live = {i: None for n in nodes for i in n.all_input_nodes if i not in inside and is_anchor(i)}
     return list(live)
 
 
 def ensure_readers_follow(
-    graph: fx.Graph, span: _Span, live_in: list[fx.Node], order: dict[fx.Node, int]
+    graph: fx.Graph, span: _Span, nodes: list[fx.Node], live_in: list[fx.Node]
 ) -> list[fx.Node]:
-    """Check every slot reader depends on the wait; clone graph inputs to anchor it if not.
-
-    A reader that depends on none of the wait's anchors could be scheduled before the wait.
-    Such a reader's activations come straight from graph inputs (e.g. the model input feeding
-    layer 0); an input cannot be an anchor, so the span reads a fresh clone of it instead.
-    """
-    first, last, readers = span.first, span.last, span.readers
-    if not _unordered_readers(graph, first, last, readers, live_in, order):
+    """Check every slot reader depends on the wait, which it could otherwise precede. One that
+    does not reads graph inputs alone (the model input feeding layer 0), which cannot be
+    anchors, so the span ``nodes`` reads a fresh clone of them instead, the clone an anchor."""
+    if not _unordered_readers(nodes, span.readers, live_in):
         return live_in
-    span = [n for n in graph.nodes if order[first] <= order[n] <= order[last]]
-    inputs = {inp: None for node in span for inp in node.all_input_nodes if _is_user_input(inp)}
+    inputs = {inp: None for node in nodes for inp in node.all_input_nodes if _is_user_input(inp)}
     clones = []
     for inp in inputs:
-        with graph.inserting_before(first):
+        with graph.inserting_before(span.first):
             clone = graph.call_function(torch.clone, (inp,))
         example = inp.meta["example_value"]
         with example.fake_mode:
             clone.meta["example_value"] = torch.clone(example)
-        for node in span:
+        for node in nodes:
             node.replace_input_with(inp, clone)
         clones.append(clone)
     live_in = [*live_in, *clones]
-    order.update({node: i for i, node in enumerate(graph.nodes)})
-    unordered = _unordered_readers(graph, first, last, readers, live_in, order)
+    unordered = _unordered_readers(nodes, span.readers, live_in)
     if unordered:
         raise UnsupportedGraphError(
             "offloaded weights are used by computations that read no activation "
@@ -123,22 +101,17 @@ def _is_user_input(node: fx.Node) -> bool:
     )
 
 
-def _unordered_readers(graph, first, last, readers, live_in, order) -> list[fx.Node]:
+def _unordered_readers(nodes, readers, live_in) -> list[fx.Node]:
     depends = set(live_in)
-    for node in graph.nodes:
-        if order[first] <= order[node] <= order[last] and any(
-            inp in depends for inp in node.all_input_nodes
-        ):
+    for node in nodes:
+        if any(inp in depends for inp in node.all_input_nodes):
             depends.add(node)
     return [r for r in readers if r not in depends]
 
 
 def live_after(graph, readers, last: fx.Node, order, is_anchor) -> list[fx.Node]:
-    """Values up to ``last`` computed from the slot readers and still used after ``last``.
-
-    A value that is not a tensor (a tuple from split, say) is replaced by the tensors it was
-    computed from, since that is what its later users' views are rebuilt from.
-    """
+    """Values up to ``last`` computed from the slot readers and still used after ``last``; one
+    that is not a tensor (a tuple from split) is replaced by the tensors it was computed from."""
     end = order[last]
     derived = set(readers)
     for node in graph.nodes:

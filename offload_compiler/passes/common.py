@@ -27,8 +27,7 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of Dynamo's graph module that keeps what AOTAutograd reads off it."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    output = graph.graph_copy(gm.graph, env)
-    graph.output(output)
+    graph.output(graph.graph_copy(gm.graph, env))
     new_gm = fx.GraphModule(gm, graph)
     new_gm.meta = dict(gm.meta)
     if hasattr(gm, "_param_name_to_source"):

@@ -1,17 +1,6 @@
-"""The prefetch rewrite: offloaded parameter reads become slot reads fenced by prefetch ops.
-
-Every node this rewrite adds to a graph is added here (`insert_prefetch_ops`). For each
-offloaded layer found in the graph (in graph order):
-  1. its parameter placeholders are replaced by static slot placeholders (appended after the
-     existing placeholders; the parameter placeholders stay, unused, because Dynamo still
-     passes the parameters);
-  2. ``wait_prefetch(layer)`` goes right before the first node that uses any of its slots;
-  3. ``start_prefetch(next layer of the slot)`` goes right after the last node that uses them;
-and ``join_after_forward`` goes right before the output. The invariants the anchors, the token
-and the clones keep are in README.md beside this file.
-
-Dynamo's own graph is not modified: it reads ``meta["grapharg"]`` of every placeholder after the
-backend returns, so the rewrite works on a copy.
+"""The prefetch rewrite: offloaded parameter reads become slot reads fenced by prefetch ops
+(``wait_prefetch`` before a unit's first slot reader, ``start_prefetch`` of the slot's next unit
+after its last, ``join_after_forward`` before the output). passes/README.md has the invariants.
 """
 
 from __future__ import annotations
@@ -76,17 +65,11 @@ class _Span:
 def insert_prefetch_ops(
     gm: fx.GraphModule, reads: dict[str, SlotRead], *, rejoin: bool, per_param: bool
 ) -> Rewrite:
-    """A rewritten copy of ``gm``, with the slot tensors to append to its inputs and the number
-    of extra outputs (one token per runtime) to drop from its results.
-
-    ``reads`` maps parameter placeholders to the slots they read instead; ``rejoin``: the graph
-    will run as a CUDA graph, so its copies are joined before it returns; ``per_param``: a span,
-    a wait and a start per (layer, parameter) instead of per layer.
-
-    It runs before AOTAutograd, so the caches key it by what it produced: AOTAutograd's and
-    Inductor's FX graph cache hash the rewritten graph (slot inputs, op arguments and all), and
-    a change of configuration that changes the rewrite misses them.
-    """
+    """A rewritten copy of ``gm``, the slot tensors to append to its inputs and the number of
+    extra outputs (one token per runtime) to drop. ``reads`` maps parameter placeholders to the
+    slots they read instead; ``rejoin``: the graph will run as a CUDA graph, so its copies are
+    joined before it returns; ``per_param``: a span, a wait and a start per (layer, parameter).
+    AOTAutograd's and Inductor's caches hash the rewritten graph, so they key the rewrite."""
     new_gm = copy_graph_module(gm)
     graph = new_gm.graph
     spans = _find_spans(graph, reads, per_param)
@@ -104,8 +87,7 @@ def _order(graph: fx.Graph) -> dict[fx.Node, int]:
 
 
 def _find_spans(graph: fx.Graph, reads: dict[str, SlotRead], per_param: bool) -> list[_Span]:
-    """Each unit's span, in graph order: from the first to the last user of its parameters
-    (found before the rewrite, while every layer still has placeholders of its own)."""
+    """Each unit's span, in graph order, found while every layer has placeholders of its own."""
     placeholders = {n.name: n for n in graph.find_nodes(op="placeholder")}
     params: dict[tuple[int, int, str | None], list[fx.Node]] = {}
     target: dict[tuple[int, int, str | None], SlotRead] = {}
@@ -136,9 +118,8 @@ def _find_spans(graph: fx.Graph, reads: dict[str, SlotRead], per_param: bool) ->
 def _swap_in_slots(
     graph: fx.Graph, reads: dict[str, SlotRead]
 ) -> tuple[list[torch.Tensor], set[StorageWeakRef]]:
-    """Static slot placeholders, appended after the existing ones, replace the parameter
-    placeholders (which stay, unused: Dynamo still passes the parameters). Returns the slot
-    tensors in placeholder order and the storages of every graph input."""
+    """Replace the parameter placeholders (which stay, unused) by static slot placeholders after
+    them; the slot tensors in placeholder order, and the storages of every graph input."""
     placeholders = {n.name: n for n in graph.find_nodes(op="placeholder")}
     fake_mode = fake_mode_of(placeholders.values())
     input_storages = {storage_of(n) for n in placeholders.values()} - {None}
@@ -165,8 +146,7 @@ def _swap_in_slots(
 
 
 def _add_tokens(graph: fx.Graph, reads: dict[str, SlotRead]) -> dict[int, fx.Node]:
-    """One token per runtime, created after the placeholders: every op of the runtime mutates
-    it, which chains them in graph order."""
+    """One token per runtime, after the placeholders: every op of the runtime mutates it."""
     fake_mode = fake_mode_of(graph.find_nodes(op="placeholder"))
     after = graph.find_nodes(op="placeholder")[-1]
     tokens: dict[int, fx.Node] = {}
@@ -188,9 +168,8 @@ def _fence_spans(
     rejoin: bool,
     input_storages: set[StorageWeakRef],
 ) -> None:
-    """``wait_prefetch`` right before each span's first node, and ``start_prefetch`` of the
-    next unit of its slot right after its last node, or at the top of the graph (see
-    `_starts_at_top`)."""
+    """``wait_prefetch`` right before each span's first node, ``start_prefetch`` of the next unit
+    of its slot right after its last node or at the top of the graph (`_starts_at_top`)."""
     is_anchor = anchor_test(input_storages)
     work = WorkEstimate(graph)
     span_start = {span.key: span.first for span in spans}
@@ -199,8 +178,8 @@ def _fence_spans(
     for span in spans:
         token = tokens[span.runtime_id]
         order = _order(graph)
-        live_in = live_into(graph, span.first, span.last, order, is_anchor)
-        live_in = ensure_readers_follow(graph, span, live_in, order)
+        nodes = [n for n in graph.nodes if order[span.first] <= order[n] <= order[span.last]]
+        live_in = ensure_readers_follow(graph, span, nodes, live_into(nodes, is_anchor))
         with graph.inserting_before(span.first):
             wait = graph.call_function(
                 ops.WAIT_PREFETCH,
@@ -231,9 +210,9 @@ def _starts_at_top(
     reader: fx.Node | None, span: _Span, order: dict[fx.Node, int], work: WorkEstimate
 ) -> bool:
     """Whether a copy for the next forward starts at the top of the next call rather than after
-    ``span``: where it would start with less work left in this graph than comes before its
-    reader in the next one. Under CUDA graphs the join would wait for it at the end, so at the
-    top it hides behind more (its slot's last reader then belongs to the previous call)."""
+    ``span``: where less work is left in this graph than comes before its reader in the next
+    one. Under CUDA graphs the join waits for it at the end, so at the top it hides behind more
+    (its slot's last reader then belongs to the previous call)."""
     return (
         reader is not None
         and order[reader] < order[span.first]
@@ -242,8 +221,7 @@ def _starts_at_top(
 
 
 def _join_before_output(graph: fx.Graph, tokens: dict[int, fx.Node], rejoin: bool) -> None:
-    """``join_after_forward`` per runtime, with the tokens returned as extra outputs: a mutation
-    whose result nothing reads is dead code after functionalization, so the join needs a user."""
+    """``join_after_forward`` per runtime; the tokens become outputs so the joins stay alive."""
     output = next(iter(graph.find_nodes(op="output")))
     for runtime_id, token in tokens.items():
         with graph.inserting_before(output):
@@ -259,13 +237,10 @@ def _unit_arg(param: str | None) -> tuple[str, ...]:
 
 
 def _units_started_after(spans: list[_Span]) -> dict[tuple[int, int, str | None], list[str | None]]:
-    """Which units of the next layer of its slot each span starts when it ends.
-
-    Per layer: the whole next layer. Per parameter: the same parameter of the next layer, if
-    that layer offloads it; the next layer's parameters that have no span of this layer here
-    (left resident in this layer, being tied or shared, or read in another graph) start after
-    this layer's last span, as a whole layer would.
-    """
+    """Which units of the next layer of its slot each span starts when it ends: per layer, the
+    whole layer; per parameter, the same parameter if that layer offloads it, and after this
+    layer's last span the next layer's parameters that have no span of this layer here (resident
+    in this layer, or read in another graph)."""
     if all(span.param is None for span in spans):
         return {span.key: [None] for span in spans}
     own: dict[tuple[int, int], set[str | None]] = {}

@@ -14,7 +14,7 @@ from .common import Rewrite, UnsupportedGraphError, copy_graph_module
 
 @dataclass(frozen=True)
 class FetchRead:
-    """Redirect one parameter placeholder to device copies made before each use (UVA fallback)."""
+    """Redirect one parameter placeholder to device copies made before each use."""
 
     fetcher_id: int
     index: int
@@ -22,12 +22,9 @@ class FetchRead:
 
 def insert_fetches(gm: fx.GraphModule, reads: dict[str, FetchRead]) -> Rewrite:
     """A copy of ``gm`` in which each parameter placeholder of ``reads`` is copied to the device
-    right before each use.
-
-    One ``fetch_param`` per using node, placed right before it, so a copy lives only as long as
-    its user needs it. Its read-only ``after`` argument is an activation the user also reads
-    (when it has one), so the copy cannot be hoisted above the work that precedes the use.
-    """
+    by a ``fetch_param`` right before each user, so a copy lives only as long as its user needs
+    it; its ``after`` is an activation the user also reads (when it has one), so it cannot be
+    hoisted above the work that precedes the use."""
     new_gm = copy_graph_module(gm)
     graph = new_gm.graph
     placeholders = {n.name: n for n in graph.find_nodes(op="placeholder")}

@@ -1,8 +1,8 @@
-"""A roofline estimate of the work before or after a node: how much compute a copy started
-there can hide behind."""
+"""A roofline estimate of the work before or after a node."""
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -11,16 +11,10 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 
 class WorkEstimate:
-    """Estimated run time of the nodes before or after a node of the graph as it was before
-    the rewrite, in bytes of memory traffic: how much compute a copy started there can hide
-    behind.
-
-    Counted per node on a roofline (see `_node_cost`), not as a number of nodes: the tail of a
-    language model is one or two nodes (norm, lm_head) but as long as two or three decoder
-    layers, and a count of nodes once started the copies for the next call at the top of it
-    while the copy engine idled through that tail (measured on an H100, issue #7). Prefix sums
-    over the original nodes: the nodes the rewrite adds cost nothing, so they change no sum.
-    """
+    """Estimated run time, in bytes of memory traffic, of the nodes before or after a node of
+    the graph before the rewrite (nodes it adds cost nothing): how much compute a copy started
+    there can hide behind. A roofline per node (`_node_cost`), not a count of nodes: a language
+    model's tail (norm, lm_head) is one or two nodes but as long as two or three layers."""
 
     def __init__(self, graph: fx.Graph) -> None:
         self._before: dict[fx.Node, float] = {}
@@ -51,8 +45,7 @@ _GATHER = {torch.nn.functional.embedding, torch.embedding}
 
 
 def _node_cost(node: fx.Node) -> float:
-    """Roofline estimate of one node: max(FLOPs / _FLOPS_PER_BYTE, bytes read and written),
-    from the example values Dynamo recorded (symbolic sizes at their hint)."""
+    """Roofline estimate of one node from its example values (symbolic sizes at their hint)."""
     if node.op not in ("call_function", "call_method", "call_module"):
         return 0.0
     out = node.meta.get("example_value")
@@ -80,10 +73,7 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _numel(tensor: torch.Tensor) -> int:
-    count = 1
-    for size in tensor.shape:
-        count *= _hint(size)
-    return count
+    return math.prod(_hint(size) for size in tensor.shape)
 
 
 def _hint(size: int | torch.SymInt) -> int:

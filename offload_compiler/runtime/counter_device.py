@@ -17,8 +17,7 @@ failure): far beyond any copy queue, which drains at tens of GB/s."""
 
 
 class StreamMemOps:
-    """``cuStreamWaitValue32`` (greater or equal) and ``cuStreamWriteValue32`` from the
-    driver, on 32-bit counters in device memory."""
+    """The driver's ``cuStreamWaitValue32`` (greater or equal) and ``cuStreamWriteValue32``."""
 
     def __init__(self) -> None:
         cuda = ctypes.CDLL("libcuda.so.1")
@@ -88,11 +87,8 @@ def _runs(entities: Sequence[int]) -> list[tuple[int, int]]:
 
 
 class CudaCounters:
-    """The counters in device memory, the stream memory operations and the captured kernels.
-
-    ``copy_tensor(entity, position)`` issues, on the current stream, the copy of layer
-    ``position``'s tensor into the entity's slot buffer.
-    """
+    """The counters in device memory, the stream memory operations and the captured kernels;
+    ``copy_tensor(entity, position)`` copies into the entity's slot on the current stream."""
 
     def __init__(
         self,

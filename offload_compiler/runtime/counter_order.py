@@ -1,33 +1,27 @@
 """Prefetch copies issued by the host around CUDA-graph replays, ordered with them by counters
-in device memory (``prefetch.offload_host_copies``, on by default on CUDA): the host side.
-
-Why: under ``mode="reduce-overhead"`` a graph that holds its prefetch copies as memcpy nodes
-ran every copy 2-4% slower in some recordings on the H100 (docs/configuration.md), and at
-decode the copies are the step time; the same copies issued by the host run at the copy floor.
-So the CUDA graphs hold the compute and, where the copies' events were, one-thread kernels on
-counters; the host issues the copies on the copy stream. `counter_device` is the device side.
+in device memory (``prefetch.offload_host_copies``; the device side is `counter_device`): the
+graphs hold the compute and, where the copies' events were, one-thread kernels on counters.
 
 Each (slot, parameter name) is an *entity* e with two int32 counters on the device:
-``landed[e]`` (copies into e that have finished) and ``released[e]`` (copies into e whose
-readers are done). The host mirrors them exactly (``copies``, ``releases``) and knows
-``pending[e]``, the offloaded layer whose copy into e is issued and not released (at most one
-is). The three operations:
+``landed[e]`` (copies into e finished) and ``released[e]`` (copies into e whose readers are
+done). The host mirrors them (``copies``, ``releases``) and knows ``pending[e]``, the offloaded
+layer whose copy into e is issued and not released (at most one is). The operations:
 
 - copy(e, k), on the copy stream: wait until ``released[e] >= copies[e]`` (the previous
   occupant's readers are done), copy layer k's tensor, write ``landed[e] = copies[e] + 1``;
-- release(e), where the last reader of e's pending copy is queued: eagerly a stream write of
-  ``releases[e] + 1``; inside a capture a kernel adding one, so a replay needs no host value;
+- release(e), after the last reader of e's pending copy: eagerly a stream write of
+  ``releases[e] + 1``; captured, a kernel adding one, so a replay needs no host value;
 - wait(e), before e's first reader: eagerly a stream wait for ``landed[e] >= releases[e] + 1``;
-  inside a capture a kernel that reads ``released[e]`` and spins until ``landed[e]`` exceeds it.
+  captured, a kernel that reads ``released[e]`` and spins until ``landed[e]`` exceeds it.
 
 A capture records the graph's `Program`: its releases and copies in graph order and the pending
 state it starts from. Its copies are issued during the capture (cudagraph trees replay a new
-recording at once and then synchronize the device, so they must already be queued) and after
-each later replay by `SlotCounters.calling`, which also brings the pending state back to the
-program's start before each call (a copy the graph does not expect is released unread, a missing
-one issued). A copy waits only on releases queued before it or in the same graph, and a wait only
-on copies queued before it or for the same graph, so no sequence of calls deadlocks; were this
-bookkeeping ever wrong, a captured wait traps after a time limit instead of hanging forever.
+recording at once and then synchronize, so they must already be queued) and after each later
+replay by `SlotCounters.calling`, which also brings the pending state to the program's start
+before each call (an unexpected copy is released unread, a missing one issued). A copy waits only
+on releases queued before it or in its graph, and a wait only on copies queued before it or for
+its graph, so no sequence of calls deadlocks; should this bookkeeping be wrong, a captured wait
+traps after a time limit instead of hanging.
 """
 
 from __future__ import annotations
@@ -58,8 +52,8 @@ class Program:
 
 @dataclass
 class GraphProgram:
-    """The program of one compiled graph for one runtime, from its first capture on. Every
-    recording of the graph (one per input shape) runs the same ops from the same state."""
+    """One compiled graph's program for one runtime, from its first capture on: every recording
+    of the graph (one per input shape) runs the same ops from the same state."""
 
     program: Program | None = None
 
@@ -115,11 +109,13 @@ class SlotCounters:
         call = self._op()
         self._release([e for e in entities if self.pending[e] is not None], call)
         for e in entities:
-            self._copy(e, position, call)
+            self._touch(e, call)
+            self._issue_copy(e, position)
+            if call is not None and call.captured:
+                call.steps.append((e, position))
 
     def wait(self, position: int, entities: Sequence[int]) -> None:
-        """Make the current stream wait until layer ``position`` has landed in ``entities``
-        (copying it first where another layer is pending there)."""
+        """Make the current stream wait until layer ``position`` has landed in ``entities``."""
         call = self._op()
         for e in entities:  # the program's start must have them pending, as now
             self._touch(e, call)
@@ -135,9 +131,9 @@ class SlotCounters:
     @contextlib.contextmanager
     def calling(self, graph: GraphProgram) -> Iterator[None]:
         """Around one call of a compiled graph under cudagraph trees: before it, the pending
-        state brought to where ``graph``'s program starts; after it, if the call replayed a
-        recording (no op ran in Python), the program's copies issued and its releases counted;
-        if it captured one, the program kept (its copies were issued during the capture)."""
+        state brought to the start of ``graph``'s program; after a replay (no op ran in Python),
+        the program's copies issued and its releases counted; after a capture, the program kept
+        (its copies were issued during the capture)."""
         if graph.program is not None:
             self._prepare(graph.program)
         call = self._call = _Call()
@@ -187,28 +183,20 @@ class SlotCounters:
             call.start.setdefault(e, self.pending[e])
 
     def _release(self, entities: Sequence[int], call: _Call | None) -> None:
-        if not entities:
-            return
+        captured = call is not None and call.captured
+        if captured and entities:
+            self.device.bump(entities)
         for e in entities:
             self._touch(e, call)
-        if call is not None and call.captured:
-            self.device.bump(entities)
-            call.steps += [(e, None) for e in entities]
-        else:
-            for e in entities:
+            if captured:
+                call.steps.append((e, None))
+            else:
                 self.device.release(e, self.releases[e] + 1)
-        for e in entities:
             self._count_release(e)
 
     def _count_release(self, e: int) -> None:
         self.releases[e] += 1
         self.pending[e] = None
-
-    def _copy(self, e: int, position: int, call: _Call | None) -> None:
-        self._touch(e, call)
-        self._issue_copy(e, position)
-        if call is not None and call.captured:
-            call.steps.append((e, position))
 
     def _issue_copy(self, e: int, position: int) -> None:
         if self.pending[e] is not None:
@@ -237,16 +225,15 @@ class SlotCounters:
                 self._issue_copy(e, position)
 
     def _unblock(self, call: _Call) -> None:
-        """A capture failed after issuing copies that wait on releases its graph would have
-        made: make those releases from the host, after the work queued so far, so that the
-        copy stream drains (the mirror already counts them)."""
+        """A capture failed after issuing copies that wait on releases its graph would have made:
+        make them from the host, so the copy stream drains (the mirror already counts them)."""
         for e in call.start:
             self.device.unblock(e, self.releases[e])
 
 
 class CounterOrder:
-    """The runtime's ordering by counters: one entity per (slot, parameter name), a layer's
-    entities consecutive where they can be (the captured kernels take runs of entities)."""
+    """Ordering by counters: one entity per (slot, parameter name), a layer's entities
+    consecutive where they can be (the captured kernels take runs of entities)."""
 
     def __init__(
         self,
@@ -257,7 +244,6 @@ class CounterOrder:
     ) -> None:
         from .counter_device import CudaCounters
 
-        self.plan = plan
         self.device = device
         self._poison = poison
         self._entity: dict[tuple[int, str], int] = {}
@@ -288,14 +274,9 @@ class CounterOrder:
         self.counters.wait(layer.position, self._entities(layer, names))
 
     def join(self) -> None:
-        """Outside a capture, the compute stream waits for the copies issued so far (nothing of
-        a capture is on the copy stream)."""
+        """Outside a capture (none of whose work is on the copy stream), wait for the copies."""
         if not torch.cuda.is_current_stream_capturing():
             torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
-
-    def calling(self, graph: GraphProgram) -> contextlib.AbstractContextManager[None]:
-        """Wrap each call of a compiled graph that cudagraph trees run."""
-        return self.counters.calling(graph)
 
     def copy_again(self) -> None:
         """Copy what every entity holds pending (copied, not yet read) again."""

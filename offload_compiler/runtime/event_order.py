@@ -1,19 +1,15 @@
-"""Prefetch copies ordered by CUDA events (every schedule but host-issued copies), or run
-synchronously on a machine without a GPU.
+"""Prefetch copies ordered by CUDA events (all but host-issued copies), or synchronous on CPU.
 
-The protocol on CUDA, per unit (a whole offloaded layer k, or with ``per_param`` one of its
-parameters; slot s = k % prefetch_step):
-  start(k): the compute stream records ``ready[k]`` (the previous reader of slot s is queued
-            before this point), the copy stream waits on it, copies host -> slot, records
-            ``done[k]``.
-  wait(k):  the compute stream waits on ``done[k]``.
-  join():   the compute stream waits on the copy stream, at the end of graphs that run as CUDA
-            graphs: a copy stream forked from the capturing stream must rejoin before capture
-            ends, and no event may cross from one captured graph into another. Other graphs
-            skip it, so the copies for the next forward overlap its first layers.
-Streams are looked up when an op runs, never cached at trace time, because cudagraph trees run
-warm-up and capture on their own stream. On CPU start(k) is a synchronous copy and wait/join do
-nothing, so the compiled graph is the same and a misplaced op gives wrong numbers there too.
+Per unit (offloaded layer k, or with ``per_param`` one of its parameters), on CUDA:
+  start(k): the compute stream records ``ready[k]`` (the slot's previous reader is queued before
+            it), the copy stream waits on it, copies host -> slot, records ``done[k]``;
+  wait(k):  the compute stream waits on ``done[k]``;
+  join():   the compute stream waits on the copy stream, at the end of graphs run as CUDA graphs
+            (a forked stream must rejoin before capture ends, and no event may cross between
+            captured graphs); other graphs skip it, so the next forward's copies overlap it.
+Streams are looked up when an op runs, never cached at trace time: cudagraph trees warm up and
+capture on their own stream. On CPU start(k) is a synchronous copy and wait/join do nothing, so
+the compiled graph is the same and a misplaced op gives wrong numbers there too.
 """
 
 from __future__ import annotations
@@ -35,7 +31,7 @@ Unit = tuple[int, str | None]
 
 
 class SyncOrder:
-    """Copies made when they are started (a CPU-only machine): each slot records which layer it
+    """Copies made when they are started (a CPU-only machine); each slot records which layer it
     holds, so that a wait for a layer whose slot holds another copies it first."""
 
     def __init__(self, plan: OffloadPlan, copy: Copy) -> None:
@@ -50,7 +46,7 @@ class SyncOrder:
 
     def wait(self, layer: OffloadedLayer, names: tuple[str, ...]) -> None:
         """A slot that holds another layer (a forward that skipped layers, or a layer split
-        across two graphs by a graph break) is filled here: slower, never wrong."""
+        across graphs by a graph break) is filled here: slower, never wrong."""
         stale = tuple(n for n in names if self._owner.get((layer.slot, n)) != layer.position)
         if stale:
             self.start(layer, stale)
@@ -121,13 +117,9 @@ class EventOrder(SyncOrder):
         self.join()  # a CUDA graph replayed next waits on its own copies only
 
     def _check_capture(self, units: list[Unit]) -> None:
-        """Refuse to make a CUDA graph capture wait on copies started before it.
-
-        CUDA would invalidate the capture with "dependency created on uncaptured work in another
-        stream". It happens when a compile without the CUDA-graph schedule (default mode
-        without ``prefetch.offload_capturable``), which leaves the next forward's first copies
-        in flight when it returns, is captured by hand.
-        """
+        """Refuse to make a CUDA graph capture wait on copies started before it (CUDA would
+        invalidate it: "dependency created on uncaptured work in another stream"), as a hand
+        capture of a compile that leaves the next forward's copies in flight would."""
         if not units or not torch.cuda.is_current_stream_capturing():
             return
         outside = [unit for unit in units if not self._pending[unit]]

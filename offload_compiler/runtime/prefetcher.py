@@ -1,10 +1,6 @@
 """The prefetch runtime of one offloaded ModuleList: its host copies, its slots, and the
-ordering of the copies into the slots, which the custom ops drive (`ops`).
-
-Which ordering runs is the schedule's choice: events (`event_order`), counters with copies
-issued by the host around CUDA-graph replays (`counter_order`), or synchronous copies on a
-machine without a GPU. Each call of a compiled graph first calls `refresh`, since the slots of
-the first offloaded layers are filled at the end of the previous call.
+ordering of the copies into the slots (events, `event_order`; counters, `counter_order`; or
+synchronous copies without a GPU), which the custom ops drive (`ops`).
 """
 
 from __future__ import annotations
@@ -56,9 +52,9 @@ class OffloadRuntime:
         self.device = schedule.device
         self.pool = SlotPool(plan.num_slots, self.device)
         params = plan.parameters(layers)
-        hosts = iter(offload_parameters(params, self.device))  # packed into pinned blocks
-        # weakly: a runtime must not keep its model's parameters (and so Dynamo's compiled
-        # graphs, which it drops once the parameters they guard are gone) alive
+        hosts = iter(offload_parameters(params, self.device))
+        # weakly: Dynamo drops its compiled graphs (which hold this runtime) only once the
+        # parameters they guard are gone
         self._layers = weakref.ref(layers)
         self._params = [weakref.ref(p) for p in params]
         self._host: list[dict[str, torch.Tensor]] = []
@@ -85,21 +81,19 @@ class OffloadRuntime:
     def calling(self, graph: GraphProgram) -> contextlib.AbstractContextManager[None]:
         """Wrap each call of a compiled graph that cudagraph trees run (host-issued copies)."""
         assert isinstance(self._order, CounterOrder)
-        return self._order.calling(graph)
+        return self._order.counters.calling(graph)
 
     def slot_tensors(self, layer_index: int) -> dict[str, torch.Tensor]:
         """The slot buffers the compiled graph reads for layer ``layer_index``'s parameters."""
         return self._slots[self._layer(layer_index).position]
 
     def start(self, layer_index: int, name: str | None = None) -> None:
-        """Begin copying layer ``layer_index``'s weights (or only parameter ``name``) into its
-        slot (op start_prefetch)."""
+        """Begin copying layer ``layer_index``'s weights (or parameter ``name``) into its slot."""
         layer = self._layer(layer_index)
         self._order.start(layer, layer.params if name is None else (name,))
 
     def wait(self, layer_index: int, name: str | None = None) -> None:
-        """Make the compute stream wait until layer ``layer_index``'s slot holds its weights
-        (or parameter ``name``); a slot that holds another layer is filled first."""
+        """Make the compute stream wait until layer ``layer_index``'s slot holds its weights."""
         layer = self._layer(layer_index)
         self._order.wait(layer, layer.params if name is None else (name,))
 
@@ -118,10 +112,8 @@ class OffloadRuntime:
         )
 
     def refresh(self) -> None:
-        """Called before each call of a compiled graph: if an offloaded parameter changed since
-        the last call (in place, or given other storage), take its new values and copy again
-        what the slots hold. The slots of the first offloaded layers are filled ahead, at the
-        end of the previous call, from what the host copies held then."""
+        """Before each call of a compiled graph: `reload` if an offloaded parameter changed since
+        the last call (the first slots were filled at the end of the previous call)."""
         if self._param_versions() != self._versions:
             self.reload()
 
@@ -134,9 +126,9 @@ class OffloadRuntime:
             self.reload()
 
     def reload(self) -> None:
-        """Re-read every offloaded parameter: values given in other storage go into the host
-        copies, and every slot's contents are copied again. `refresh` calls it when a version
-        counter moved; `offload_compiler.reload_weights` for writes no counter sees."""
+        """Re-read every offloaded parameter (values given in other storage go into the host
+        copies) and copy every slot's contents again; `offload_compiler.reload_weights` calls it
+        for writes no version counter sees."""
         if any(ref() is None for ref in self._params) and (layers := self._layers()) is not None:
             self._params = [weakref.ref(p) for p in self.plan.parameters(layers)]
         units = [(layer, name) for layer in self.plan.layers for name in layer.params]
@@ -150,8 +142,7 @@ class OffloadRuntime:
         self._order.copy_again()
 
     def _param_versions(self) -> list[int]:
-        """One integer per offloaded parameter (-1 for one that is gone: replaced by a new
-        Parameter, which the next `reload` takes from the layers)."""
+        """Per offloaded parameter its version, -1 where it is gone (`reload` takes the new one)."""
         return [-1 if (param := ref()) is None else param._version for ref in self._params]
 
     def _copy(self, position: int, name: str) -> None:

@@ -1,10 +1,6 @@
-"""The process-wide registries of runtimes and fetchers, which the custom ops find by id.
-
-A compiled graph names its runtime by an integer (no stream, event or host tensor may be an
-argument of an op). The registry holds runtimes weakly: a runtime lives as long as its model's
-ModuleList and the compiled graphs that read it, so dropping a model (and its compiled graphs,
-which Dynamo drops once the guarded parameters are gone) frees its slots, its pinned host
-memory and its copy stream. Every compile of one model in a process shares one runtime.
+"""The process-wide registries of runtimes and fetchers, which the custom ops find by id. Held
+weakly: dropping a model (and so its compiled graphs) frees its slots, host memory and streams.
+Every compile of one model in a process shares one runtime.
 """
 
 from __future__ import annotations
@@ -33,8 +29,7 @@ _FETCHER_OF_ROOT: weakref.WeakKeyDictionary[nn.Module, HostFetcher] = weakref.We
 
 
 def _registered(registry: list[weakref.ref[_T]], kind: str, index: int) -> _T:
-    """What a compiled graph names by ``index`` in ``registry``, with an error that says why
-    it may be missing."""
+    """What a compiled graph names by ``index`` in ``registry``, or an error saying why not."""
     found = registry[index]() if index < len(registry) else None
     if found is None:
         raise RuntimeError(
@@ -73,8 +68,7 @@ def runtimes_of(model: nn.Module) -> list[OffloadRuntime]:
 
 
 def offloaded_stacks(model: nn.Module) -> list[OffloadedStack]:
-    """The ModuleLists of ``model`` the prefetch backend offloads in this process (known once
-    the compiled model was first called: the compile allocates the slots)."""
+    """The ModuleLists of ``model`` offloaded in this process (once its compile has run)."""
     return [runtime.stack() for runtime in runtimes_of(model)]
 
 

@@ -22,11 +22,8 @@ class SlotKey:
 
 
 class SlotPool:
-    """``num_slots`` sets of static buffers on the compute device, one buffer per `SlotKey`.
-
-    The buffers are allocated once and never reallocated: compiled graphs take them as static
-    inputs and CUDA graphs bake their addresses in.
-    """
+    """``num_slots`` sets of static buffers on the compute device, one buffer per `SlotKey`,
+    never reallocated: compiled graphs take them as static inputs, CUDA graphs bake them in."""
 
     def __init__(self, num_slots: int, device: torch.device) -> None:
         self.device = device

@@ -1,22 +1,14 @@
 """CUDA graphs launched on a stream of their own: the inputs staged into static buffers.
 
-Under ``mode="reduce-overhead"`` cudagraph trees copy each input that is not static (the token
-ids) into the graph's own buffer, with a kernel on the current stream, right before each replay.
-On the H100 some recordings of an offloaded model (of several of identical code in one process,
-one or two) replay 3% slower at decode when any kernel precedes their launch on the same stream
-(that copy, a one-element fill, a serving loop's sampling), and as fast as default mode when
-launched back to back or from a stream of their own with the kernel on the caller's
-(docs/configuration.md). So here each such input is copied into a buffer of
-ours on the caller's stream, marked static (trees copy nothing), and the compiled graph is
-called on a stream that carries nothing but the graphs' launches and the waits that order them
-with the caller's stream.
+Cudagraph trees copy each non-static input (the token ids) into the graph's buffer with a kernel
+on the current stream before each replay, and some recordings replay slower when any kernel
+precedes their launch on their stream (docs/configuration.md). So each such input is copied into
+a static buffer of ours on the caller's stream, and the graph is called on a stream that carries
+only the graphs' launches and the waits that order them with the caller's stream.
 
-An input is staged only where that cannot change what the model computes: in a graph that
-computes no gradient (one recorded for training saves inputs such as the token ids for its
-backward, which a staged buffer overwritten by the next forward would change), a CUDA tensor of
-contiguous memory that no node of the graph may mutate and no output aliases (a staged buffer is
-overwritten by the next call). If any input trees would copy is not stageable, the graph is
-called as it is.
+Staged, as the next call overwrites the buffer, is only a contiguous CUDA tensor that no node may
+mutate and no output aliases, of a graph that computes no gradient (its backward would save it);
+if any input trees would copy is not stageable, the graph is called as it is.
 """
 
 from __future__ import annotations
@@ -38,12 +30,9 @@ _STATIC = "_dynamo_static_input_type"
 
 @dataclass(frozen=True)
 class Staging:
-    """Which inputs of a compiled graph are staged, their buffers, and the stream its calls
-    are issued on.
-
-    One buffer per input and size: a graph of dynamic shape gets each shape it is called with
-    recorded by trees as a graph of its own, whose static input is that shape's buffer.
-    """
+    """Which inputs of a compiled graph are staged, their buffers, and the stream its calls are
+    issued on. One buffer per input and size: trees record each shape of a dynamic graph as a
+    graph of its own, whose static input is that shape's buffer."""
 
     indices: tuple[int, ...]
     stream: torch.cuda.Stream
@@ -53,21 +42,17 @@ class Staging:
 
     def call(self, compiled: Callable[..., Any], args: Sequence[Any]) -> Any:
         """``compiled(*args)`` with the staged inputs copied in on the caller's stream and the
-        call issued on the staging stream, ordered after the caller's work and before the
-        caller's next."""
+        call issued on the staging stream, between the caller's work and its next."""
         caller = torch.cuda.current_stream(self.stream.device)
         staged = list(args)
         for index in self.indices:
             arg = staged[index]
             key = (index, arg.size(), arg.stride())
-            buffer = self.buffers.get(key)
-            if buffer is None:
-                buffer = torch.empty_strided(
+            if key not in self.buffers:
+                self.buffers[key] = torch.empty_strided(
                     arg.size(), arg.stride(), dtype=arg.dtype, device=arg.device
                 )
-                self.buffers[key] = buffer
-            buffer.copy_(arg)
-            staged[index] = buffer
+            staged[index] = self.buffers[key].copy_(arg)
         self.stream.wait_stream(caller)
         with torch.cuda.stream(self.stream):
             outputs = compiled(*staged)
@@ -76,11 +61,8 @@ class Staging:
 
 
 def stage_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Staging | None:
-    """Stage the inputs of ``gm`` that cudagraph trees would copy, marking their placeholders
-    static, or None (and ``gm`` untouched) if some of them cannot be staged or none exist.
-
-    ``example_inputs`` are the real tensors of the first ``len(example_inputs)`` placeholders.
-    """
+    """Stage the inputs of ``gm`` (real tensors ``example_inputs``) that cudagraph trees would
+    copy, marking them static, or None (``gm`` untouched) if one cannot be or there are none."""
     if torch.is_grad_enabled() and any(
         isinstance(example, torch.Tensor) and example.requires_grad for example in example_inputs
     ):
@@ -116,28 +98,23 @@ def stage_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Staging |
 
 
 def _stageable(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A tensor input without gradient that the graph reads only: no node may mutate it or a
-    view of it, and no output may be it or a view of it."""
+    """A tensor input without gradient that no node may mutate and no output is, nor views."""
     value = node.meta.get("example_value")
     if not isinstance(value, torch.Tensor) or value.requires_grad:
         return False
     storage = StorageWeakRef(value.untyped_storage())
     outputs = set(gm.graph.find_nodes(op="output")[0].all_input_nodes)
-    for alias in gm.graph.nodes:
-        aliased = alias.meta.get("example_value")
-        if not isinstance(aliased, torch.Tensor):
-            continue
-        if StorageWeakRef(aliased.untyped_storage()) != storage:
-            continue
-        if alias in outputs or any(_may_mutate(user) for user in alias.users):
-            return False
-    return True
+    return not any(
+        alias in outputs or any(_may_mutate(user) for user in alias.users)
+        for alias in gm.graph.nodes
+        if isinstance(aliased := alias.meta.get("example_value"), torch.Tensor)
+        and StorageWeakRef(aliased.untyped_storage()) == storage
+    )
 
 
 def _may_mutate(node: fx.Node) -> bool:
-    """Whether ``node`` may write to one of its tensor arguments (conservative: any in-place
-    method or function, item assignment, an ``out=`` argument, an op with mutable arguments,
-    or a submodule call)."""
+    """Whether ``node`` may write to a tensor argument (conservative: an in-place method or
+    function, item assignment, ``out=``, an op with mutable arguments, a submodule call)."""
     if node.op == "call_module":
         return True
     if node.op == "call_method":

@@ -6,13 +6,9 @@ import torch
 
 
 class HostFetcher:
-    """Host copies that a graph copies to the device right before each use (op fetch_param).
-
-    The UVA backend's fallback where the device cannot (or should not) read host memory in
-    place. The copy runs on the current stream, so it is ordered with the kernels around it;
-    its source is pinned, so it does not block the host, and under CUDA graph capture it is
-    recorded with fixed addresses, the destination coming from the graph's memory pool.
-    """
+    """Host copies a graph copies to the device right before each use (op fetch_param), on the
+    current stream, so ordered with the kernels around it; from pinned memory, so the host does
+    not block, and capturable (the destination comes from the graph's memory pool)."""
 
     def __init__(self, fetcher_id: int, hosts: list[torch.Tensor], device: torch.device) -> None:
         self.id = fetcher_id
