@@ -12,12 +12,15 @@ from .backend import offload_backend
 from .config import OffloadConfig, PrefetchOffloadConfig, UVAOffloadConfig
 from .loading import from_pretrained, init_empty_weights, load_checkpoint
 from .placement import place_model, reload_weights
+from .planner import BudgetError, Plan, plan
 from .runtime.prefetcher import OffloadedStack
 from .runtime.registry import offloaded_stacks
 
 __all__ = [
+    "BudgetError",
     "OffloadConfig",
     "OffloadedStack",
+    "Plan",
     "PrefetchOffloadConfig",
     "UVAOffloadConfig",
     "from_pretrained",
@@ -26,6 +29,7 @@ __all__ = [
     "offload_backend",
     "offloaded_stacks",
     "place_model",
+    "plan",
     "reload_weights",
 ]
 

@@ -14,14 +14,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 from torch._inductor.compile_fx import compile_fx
 from torch._logging import trace_structured
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .binding import bind_slot_reads, bind_uva_reads, graph_device
 from .config import OffloadConfig
+from .discovery import candidate_roots
 from .passes import insert_fetches, insert_prefetch_ops
+from .planner import resolve_budget
 from .runtime.counter_order import GraphProgram
 from .runtime.prefetcher import OffloadRuntime
 from .runtime.staging import stage_inputs
@@ -74,7 +76,10 @@ def rewrite_graph(
 ) -> OffloadGraph:
     """Resolve the options, bind the graph's offloaded parameters and rewrite a copy of ``gm``."""
     config = OffloadConfig.from_options(options)
-    schedule = resolve(config, mode, graph_device(gm, example_inputs))
+    device = graph_device(gm, example_inputs)
+    if config.gpu_memory_budget is not None:
+        config = resolve_budget(config, _planned_root(gm), device)
+    schedule = resolve(config, mode, device)
     if schedule.backend is None:
         return OffloadGraph(gm, schedule)
     with unset_fake_temporarily():
@@ -141,6 +146,18 @@ def compile_graph(graph: OffloadGraph, example_inputs: list[torch.Tensor]) -> Ca
         return outputs[:-extra] if extra else outputs
 
     return run
+
+
+def _planned_root(gm: fx.GraphModule) -> nn.Module:
+    """The model a ``gpu_memory_budget`` is planned for: the module whose forward is compiled."""
+    with unset_fake_temporarily():
+        roots = candidate_roots(gm)
+    if not roots:
+        raise ValueError(
+            "gpu_memory_budget: the compiled function is not a module's forward, so there is no "
+            "model to plan for; plan it with offload_compiler.plan and pass plan.config"
+        )
+    return roots[0]
 
 
 def _guard_parameter_identity(gm: fx.GraphModule, names: Collection[str]) -> None:

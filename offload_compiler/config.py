@@ -23,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from .budget import MemoryAmount, check_amount
+
 OffloadBackend = Literal["auto", "uva", "prefetch"]
 InductorMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
@@ -96,6 +98,15 @@ class PrefetchOffloadConfig(_FrozenConfig):
     """Segment patterns choosing which parameters of an offloaded layer are offloaded; empty
     means all of them (e.g. ``{"experts"}`` keeps attention weights resident)."""
 
+    offload_layers: tuple[int, ...] = ()
+    """Offload exactly these repeated blocks (indices, ascending) instead of the group pattern;
+    what the planner writes for a ``gpu_memory_budget``. Needs ``offload_group_size`` 0."""
+
+    offload_layer_params: tuple[tuple[int, SegmentPatterns], ...] = ()
+    """Per layer of ``offload_layers``, the segment patterns of its offloaded parameters, where
+    only a part of it is offloaded (the planner's partial layer); other layers follow
+    ``offload_params``."""
+
     offload_per_param: bool = True
     """Stream each parameter on its own: parameter j of a slot's next layer is copied as soon as
     this layer's last read of j is done, and waited for right before its first read, so one slot
@@ -114,14 +125,52 @@ class PrefetchOffloadConfig(_FrozenConfig):
     replay, ordered with the graph's reads by counters in device memory. False captures them.
     ``offload_capturable`` implies False (its replays have no host step); no effect on CPU."""
 
+    @model_validator(mode="after")
+    def _check_layers(self) -> PrefetchOffloadConfig:
+        if self.offload_layers:
+            if self.offload_group_size:
+                raise ValueError(
+                    f"offload_layers {list(self.offload_layers)} and offload_group_size "
+                    f"{self.offload_group_size} both choose layers; set one of them"
+                )
+            if (
+                list(self.offload_layers) != sorted(set(self.offload_layers))
+                or min(self.offload_layers) < 0
+            ):
+                raise ValueError(
+                    f"offload_layers {list(self.offload_layers)} must be distinct non-negative "
+                    "indices in ascending order"
+                )
+        unknown = [i for i, _ in self.offload_layer_params if i not in self.offload_layers]
+        if unknown:
+            raise ValueError(f"offload_layer_params names layers {unknown} not in offload_layers")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """Whether this config offloads any layer."""
+        return self.offload_group_size > 0 or bool(self.offload_layers)
+
     def is_offloaded_layer(self, index: int) -> bool:
-        """Whether repeated block ``index`` is offloaded, i.e. among the last of its group."""
+        """Whether repeated block ``index`` is offloaded: listed in ``offload_layers``, or among
+        the last of its group."""
+        if self.offload_layers:
+            return index in self.offload_layers
         group = self.offload_group_size
         return group > 0 and index % group >= group - self.offload_num_in_group
 
     def offloaded_layers(self, num_layers: int) -> list[int]:
         """Indices, ascending, of the offloaded layers among ``num_layers`` repeated blocks."""
+        beyond = [i for i in self.offload_layers if i >= num_layers]
+        if beyond:
+            raise ValueError(
+                f"offload_layers names layers {beyond}, but the model has {num_layers} layers"
+            )
         return [index for index in range(num_layers) if self.is_offloaded_layer(index)]
+
+    def layer_params(self, index: int) -> frozenset[str]:
+        """The segment patterns choosing layer ``index``'s offloaded parameters (empty: all)."""
+        return dict(self.offload_layer_params).get(index, self.offload_params)
 
 
 class OffloadConfig(_FrozenConfig):
@@ -149,6 +198,18 @@ class OffloadConfig(_FrozenConfig):
     """Debugging aid: fill a slot with NaN on the compute stream before each prefetch copy, so
     that a missing wait shows up as NaN in the output instead of as silently stale weights."""
 
+    gpu_memory_budget: Annotated[MemoryAmount, AfterValidator(check_amount)] | None = None
+    """Device memory the offloaded model may use: bytes, a string with a unit (``"10GiB"``) or
+    a fraction of the device's memory. The planner (`offload_compiler.plan`) then chooses the
+    offloaded layers and parameters; leave the prefetch layer choice and UVA unset."""
+
+    memory_reserve: Annotated[MemoryAmount, AfterValidator(check_amount)] = 0
+    """Part of ``gpu_memory_budget`` the planner leaves free for the caller (a KV cache)."""
+
+    plan_tokens: tuple[int, ...] = (1, 2048)
+    """Token counts the planner predicts times for; the largest sizes the activation
+    workspace it counts in the budget."""
+
     @field_validator("layers_path")
     @classmethod
     def _check_layers_path(cls, path: str | None) -> str | None:
@@ -165,8 +226,11 @@ class OffloadConfig(_FrozenConfig):
     @model_validator(mode="after")
     def _check_backends(self) -> OffloadConfig:
         prefetch = self.prefetch
-        if self.offload_backend == "prefetch" or prefetch.offload_group_size > 0:
-            if prefetch.offload_num_in_group > prefetch.offload_group_size:
+        if self.offload_backend == "prefetch" or prefetch.enabled:
+            if (
+                not prefetch.offload_layers
+                and prefetch.offload_num_in_group > prefetch.offload_group_size
+            ):
                 raise ValueError(
                     f"offload_num_in_group ({prefetch.offload_num_in_group}) must be "
                     f"<= offload_group_size ({prefetch.offload_group_size})"
@@ -174,12 +238,20 @@ class OffloadConfig(_FrozenConfig):
             if prefetch.offload_prefetch_step < 1:
                 raise ValueError(
                     f"offload_prefetch_step ({prefetch.offload_prefetch_step}) must be >= 1 "
-                    "when prefetch offloading is enabled (offload_group_size > 0)"
+                    "when prefetch offloading is enabled"
                 )
 
+        if self.gpu_memory_budget is not None and (
+            prefetch.enabled or self.uva.cpu_offload_gb > 0 or self.offload_backend == "uva"
+        ):
+            raise ValueError(
+                "gpu_memory_budget lets the planner choose what is offloaded; leave "
+                "prefetch.offload_group_size, prefetch.offload_layers, uva.cpu_offload_gb and "
+                "offload_backend='uva' unset with it"
+            )
         # mismatches are honoured (the chosen backend wins), so they only warn
         uva_active = self.uva.cpu_offload_gb > 0
-        prefetch_active = prefetch.offload_group_size > 0
+        prefetch_active = prefetch.enabled
         ignored = None
         if self.offload_backend == "uva" and prefetch_active:
             ignored = "Prefetch"
@@ -207,7 +279,7 @@ class OffloadConfig(_FrozenConfig):
         """The backend that will run, or ``None`` when ``"auto"`` finds nothing to offload."""
         if self.offload_backend != "auto":
             return self.offload_backend
-        if self.prefetch.offload_group_size > 0:
+        if self.prefetch.enabled:
             return "prefetch"
         if self.uva.cpu_offload_gb > 0:
             return "uva"

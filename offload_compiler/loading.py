@@ -35,6 +35,7 @@ from .host_memory import (
     remember_host_copy,
 )
 from .placement import offloaded_parameters
+from .planner import resolve_budget
 from .safetensors_files import (
     STAGING_BYTES,
     CheckpointError,
@@ -87,7 +88,8 @@ def load_checkpoint(
     stored = read_index(files)
     params = _unique_parameters(model)
     sources = _match(params, stored)
-    offloaded = {id(p) for p in offloaded_parameters(model, config)}
+    config = resolve_budget(config, model, device)
+    offloaded = {id(p) for p in offloaded_parameters(model, config, device)}
     start = time.perf_counter()
     total = sum(stored[sources[id(p)]].nbytes for _, p in params)
     arena_params = [p for _, p in params if id(p) in offloaded]

@@ -14,6 +14,7 @@ from torch import nn
 from .config import OffloadConfig
 from .discovery import layer_list_of
 from .host_memory import offload_parameters
+from .planner import resolve_budget
 from .planning import plan_prefetch, plan_uva, shared_parameters
 from .runtime.registry import runtimes_of
 
@@ -35,7 +36,7 @@ def place_model(
         )
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    chosen = offloaded_parameters(model, config)
+    chosen = offloaded_parameters(model, config, device)
     offload_parameters(chosen, device)  # packed into shared pinned blocks
     offloaded = {id(p) for p in chosen}
     for param in model.parameters():
@@ -47,8 +48,12 @@ def place_model(
     return model
 
 
-def offloaded_parameters(model: nn.Module, config: OffloadConfig) -> list[nn.Parameter]:
-    """The parameters of ``model`` that ``config`` offloads (none without a backend)."""
+def offloaded_parameters(
+    model: nn.Module, config: OffloadConfig, device: torch.device
+) -> list[nn.Parameter]:
+    """The parameters of ``model`` that ``config`` offloads on ``device`` (none without a
+    backend); a ``gpu_memory_budget`` is planned here."""
+    config = resolve_budget(config, model, device)
     if config.selected_backend == "prefetch":
         found = layer_list_of(model, config.layers_path)
         layers = found.layers

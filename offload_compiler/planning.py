@@ -87,9 +87,9 @@ def plan_prefetch(
     config: PrefetchOffloadConfig,
     shared: Collection[int] = (),
 ) -> OffloadPlan:
-    """Choose the offloaded layers (``i % group >= group - num_in_group``) and their params:
-    those not in ``shared`` and matching ``offload_params`` (when set); a layer left with none
-    is not offloaded."""
+    """Choose the offloaded layers (``offload_layers``, or ``i % group >= group - num_in_group``)
+    and their params: those not in ``shared`` and matching the layer's patterns (when set); a
+    layer left with none is not offloaded."""
     chosen: list[OffloadedLayer] = []
     for index in config.offloaded_layers(len(layers)):
         named = list(layers[index].named_parameters())
@@ -106,8 +106,8 @@ def plan_prefetch(
             for name, param in named
             if id(param) not in shared
             and (
-                not config.offload_params
-                or matches_segments(f"{layers_path}.{index}.{name}", config.offload_params)
+                not (patterns := config.layer_params(index))
+                or matches_segments(f"{layers_path}.{index}.{name}", patterns)
             )
         )
         if not names:

@@ -112,6 +112,27 @@ def test_prefetch_backend_without_group_size_is_rejected() -> None:
         OffloadConfig(offload_backend="prefetch")
 
 
+def test_explicit_layers_select_the_prefetch_backend() -> None:
+    config = OffloadConfig(prefetch=PrefetchOffloadConfig(offload_layers=(0, 5)))
+    assert config.selected_backend == "prefetch"
+    assert config.prefetch.offloaded_layers(8) == [0, 5]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"offload_layers": (1, 3), "offload_group_size": 2}, "both choose layers"),
+        ({"offload_layers": (3, 1)}, "distinct non-negative indices in ascending order"),
+        ({"offload_layers": (1, 1)}, "distinct non-negative indices in ascending order"),
+        ({"offload_layers": (-1, 2)}, "distinct non-negative indices in ascending order"),
+        ({"offload_layer_params": ((2, frozenset({"w"})),)}, r"names layers \[2\] not in"),
+    ],
+)
+def test_explicit_layers_are_checked(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        PrefetchOffloadConfig(**fields)
+
+
 def test_prefetch_step_zero_is_rejected_when_prefetch_is_enabled() -> None:
     with pytest.raises(ValidationError, match=r"offload_prefetch_step \(0\) must be >= 1"):
         OffloadConfig.model_validate(
@@ -352,10 +373,15 @@ _HASH_BASE: dict[str, Any] = {
         "offload_per_param": False,
         "offload_capturable": False,
         "offload_host_copies": True,
+        "offload_layers": [],
+        "offload_layer_params": [],
     },
     "layers_path": None,
     "mode": None,
     "poison_slots": False,
+    "gpu_memory_budget": None,
+    "memory_reserve": 0,
+    "plan_tokens": [1, 2048],
 }
 
 # One entry per field, each changed on its own.
@@ -371,9 +397,14 @@ _HASH_CHANGES: list[tuple[str, Any]] = [
     ("prefetch.offload_per_param", True),
     ("prefetch.offload_capturable", True),
     ("prefetch.offload_host_copies", False),
+    ("prefetch.offload_layers", [1, 3]),
+    ("prefetch.offload_layer_params", [(3, ["up_proj"])]),
     ("layers_path", "model.layers"),
     ("mode", "max-autotune"),
     ("poison_slots", True),
+    ("gpu_memory_budget", "10GiB"),
+    ("memory_reserve", "1GiB"),
+    ("plan_tokens", [1, 16]),
 ]
 
 # Further changes that must not collide with the ones above.
@@ -384,6 +415,8 @@ _HASH_EXTRA_CHANGES: list[tuple[str, Any]] = [
     ("prefetch.offload_params", ["experts"]),
     ("layers_path", "model.layers.0"),
     ("mode", "default"),
+    ("gpu_memory_budget", 0.5),
+    ("gpu_memory_budget", 10 * 2**30),
 ]
 
 
@@ -398,14 +431,26 @@ def _leaf_fields(model: type[BaseModel], prefix: str = "") -> set[str]:
     return fields
 
 
+# Fields that need others changed with them to make a valid config.
+_COMPANIONS: dict[str, dict[str, Any]] = {
+    "gpu_memory_budget": {"prefetch.offload_group_size": 0},
+    "prefetch.offload_layers": {"prefetch.offload_group_size": 0},
+    "prefetch.offload_layer_params": {
+        "prefetch.offload_group_size": 0,
+        "prefetch.offload_layers": [1, 3],
+    },
+}
+
+
 def _changed(path: str, value: Any) -> OffloadConfig:
     options = copy.deepcopy(_HASH_BASE)
-    *parents, leaf = path.split(".")
-    target = options
-    for parent in parents:
-        target = target[parent]
-    assert leaf in target
-    target[leaf] = value
+    for where, what in {**_COMPANIONS.get(path, {}), path: value}.items():
+        *parents, leaf = where.split(".")
+        target = options
+        for parent in parents:
+            target = target[parent]
+        assert leaf in target
+        target[leaf] = what
     return _quietly(**options)
 
 

@@ -86,3 +86,23 @@ def test_llama_layer_params_in_registration_order():
     assert layer.index == 1
     assert layer.params[:3] == ("input_norm.weight", "q_proj.weight", "k_proj.weight")
     assert plan_prefetch(model.layers, "layers", config).layer_at(0) is None
+
+
+def test_explicit_layers_and_a_partial_layer():
+    model = MLPStack(layers=6, dim=4)
+    config = PrefetchOffloadConfig(
+        offload_layers=(1, 3, 4), offload_layer_params=((4, frozenset({"fc.weight"})),)
+    )
+    plan = plan_prefetch(model.blocks, "blocks", config)
+    assert [(layer.index, layer.params) for layer in plan.layers] == [
+        (1, ("fc.weight", "fc.bias")),
+        (3, ("fc.weight", "fc.bias")),
+        (4, ("fc.weight",)),
+    ]
+    assert [layer.slot for layer in plan.layers] == [0, 0, 0]
+
+
+def test_explicit_layers_beyond_the_model_are_named():
+    config = PrefetchOffloadConfig(offload_layers=(1, 6, 9))
+    with pytest.raises(ValueError, match=r"names layers \[6, 9\], but the model has 6 layers"):
+        plan_prefetch(MLPStack(layers=6, dim=4).blocks, "blocks", config)
