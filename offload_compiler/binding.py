@@ -71,9 +71,6 @@ def bind_slot_reads(
         plan = plan_prefetch(
             layers, found.path, config.prefetch, shared_parameters(layers, found.root)
         )
-        if not plan.layers:
-            log.warning("offload: the config selects no layer of %s to offload", found.path)
-            continue
         in_graph = [
             (layer, name, placeholders[id(param)])
             for layer in plan.layers

@@ -36,17 +36,21 @@ def find_layer_list(root: nn.Module, path: str | None = None) -> tuple[str, nn.M
                 f"layers_path={path!r} does not name a submodule of "
                 f"{type(root).__name__}: {err}. Candidates: {found or 'none'}"
             ) from None
-        if not isinstance(module, nn.ModuleList):
+        if not isinstance(module, nn.ModuleList | nn.Sequential):
             raise LayerDiscoveryError(
-                f"layers_path={path!r} names a {type(module).__name__}, not an nn.ModuleList"
+                f"layers_path={path!r} names a {type(module).__name__}, not an nn.ModuleList or "
+                "nn.Sequential"
             )
         if len(module) == 0:
-            raise LayerDiscoveryError(f"layers_path={path!r} names an empty nn.ModuleList")
+            raise LayerDiscoveryError(
+                f"layers_path={path!r} names an empty {type(module).__name__}"
+            )
         return path, module
     candidates = _candidate_lists(root)
     if not candidates:
         raise LayerDiscoveryError(
-            f"{type(root).__name__} has no nn.ModuleList of blocks with parameters to offload; "
+            f"{type(root).__name__} has no nn.ModuleList or nn.Sequential of blocks with "
+            "parameters to offload; "
             "offloading works on the repeated layers of a model (e.g. model.layers). Name the "
             "list with the option layers_path='...'. If a graph break makes Dynamo compile each "
             "layer on its own, call offload_compiler.place_model(model, options) first so that "
@@ -85,15 +89,26 @@ def known_layer_lists(params: list[nn.Parameter]) -> list[LayerList]:
     return list(found.values())
 
 
+def _is_stack(module: nn.Module) -> bool:
+    """A non-empty ModuleList, or a Sequential of blocks of one class (timm's ``blocks``; a
+    Sequential of different modules is a pipeline, such as an MLP, not a stack of layers)."""
+    if isinstance(module, nn.ModuleList):
+        return len(module) > 0
+    return (
+        isinstance(module, nn.Sequential)
+        and len(module) > 1
+        and len({type(child) for child in module}) == 1
+    )
+
+
 def _candidate_lists(root: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """Non-empty lists whose every block has parameters, not inside another such list's blocks
-    (the experts of an MoE layer can outnumber the layers, but they are not the layers)."""
+    """Non-empty stacks whose every block has parameters, not inside another such stack's
+    blocks (the experts of an MoE layer can outnumber the layers, but they are not the
+    layers)."""
     lists = [
         (name, module)
         for name, module in root.named_modules()
-        if isinstance(module, nn.ModuleList)
-        and len(module) > 0
-        and all(any(True for _ in child.parameters()) for child in module)
+        if _is_stack(module) and all(any(True for _ in child.parameters()) for child in module)
     ]
     return [
         (name, module)

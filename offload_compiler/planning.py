@@ -116,7 +116,28 @@ def plan_prefetch(
         chosen.append(
             OffloadedLayer(index, position, position % config.offload_prefetch_step, names)
         )
+    if not chosen:
+        raise ValueError(_selects_nothing(layers_path, len(layers), config))
     return OffloadPlan(layers_path, len(layers), config.offload_prefetch_step, tuple(chosen))
+
+
+def _selects_nothing(path: str, num_layers: int, config: PrefetchOffloadConfig) -> str:
+    """Why ``config`` offloads no layer of the ``num_layers`` blocks at ``path``: offloading
+    that silently does nothing would leave a model that does not fit to fail later, elsewhere."""
+    picked = config.offloaded_layers(num_layers)
+    if not picked:
+        group, num = config.offload_group_size, config.offload_num_in_group
+        return (
+            f"the prefetch config offloads no layer of {path} ({num_layers} layers): "
+            f"offload_group_size {group} with offload_num_in_group {num} offloads layers "
+            f"{group - num}..{group - 1} of each group of {group}, and {num_layers} layers "
+            f"reach none of them; use a group size of at most {num_layers}"
+        )
+    return (
+        f"the prefetch config offloads no parameter of {path}: layers {picked} were chosen, but "
+        f"none of their parameters match offload_params {sorted(config.offload_params)} (or "
+        "all are shared with other modules and stay resident)"
+    )
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ def test_llama_layers_found():
     ("path", "message"),
     [
         ("model.nothing", "does not name a submodule"),
-        ("model", "names a Module, not an nn.ModuleList"),
+        ("model", "names a Module, not an nn.ModuleList or nn.Sequential"),
         ("acts.0", "names a ReLU"),
     ],
 )
@@ -98,3 +98,41 @@ def test_candidate_roots_are_the_outermost_modules_of_the_frame():
     torch._dynamo.reset()
     assert seen["roots"] == [model]
     assert {id(p) for p in seen["params"]} == {id(p) for p in model.parameters()}
+
+
+class SequentialStack(nn.Module):
+    """timm-style: the blocks in an nn.Sequential called as one module, beside a Sequential
+    pipeline of different modules (not a stack)."""
+
+    def __init__(self, layers: int = 6, dim: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim), nn.Linear(dim, dim))
+        self.blocks = nn.Sequential(*(nn.Sequential(nn.Linear(dim, dim), nn.GELU())
+                                      for _ in range(layers)))  # fmt: skip
+
+    def forward(self, x):
+        return self.blocks(self.stem(x))
+
+
+def test_a_sequential_of_blocks_of_one_class_is_a_stack_and_a_pipeline_is_not():
+    model = SequentialStack()
+    assert find_layer_list(model) == ("blocks", model.blocks)
+    assert find_layer_list(model, "stem")[0] == "stem"  # named, a Sequential is taken as given
+
+
+def test_a_sequential_stack_compiles_offloaded_equal_to_inductor_on_every_call():
+    import copy
+
+    import offload_compiler
+
+    torch.manual_seed(0)
+    model = SequentialStack().eval()
+    reference = torch.compile(copy.deepcopy(model))
+    options = {"prefetch": {"offload_group_size": 2, "offload_num_in_group": 1}}
+    compiled = torch.compile(model, backend="offload", options=options)
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(4, 16)
+            torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-5)
+    (stack,) = offload_compiler.offloaded_stacks(model)
+    assert (stack.layers_path, stack.layers) == ("blocks", (1, 3, 5))

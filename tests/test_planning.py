@@ -27,7 +27,6 @@ def _plan(layers: int, group: int, num: int, step: int, params=()):
         (8, 4, 1, [3, 7]),
         (5, 1, 1, [0, 1, 2, 3, 4]),
         (6, 3, 3, [0, 1, 2, 3, 4, 5]),
-        (4, 8, 1, []),  # the only group is incomplete: layer 7 does not exist
     ],
 )
 def test_group_pattern(layers, group, num, expected):
@@ -75,8 +74,18 @@ def test_offload_params_selects_by_segment():
     assert _plan(2, 1, 1, 1, params=["fc"]).layers[0].params == ("fc.weight", "fc.bias")
 
 
-def test_layer_without_matching_parameters_is_not_offloaded():
-    assert _plan(4, 1, 1, 1, params=["nothing_like_this"]).layers == ()
+def test_a_layer_without_matching_parameters_is_not_offloaded():
+    model = LlamaShaped(layers=2, dim=8, heads=2, kv_heads=1, hidden=16, vocab=8)
+    config = PrefetchOffloadConfig(offload_layers=(0, 1), offload_layer_params=((1, {"nope"}),))
+    assert [layer.index for layer in plan_prefetch(model.layers, "layers", config).layers] == [0]
+
+
+def test_a_config_that_offloads_nothing_is_an_error_naming_the_numbers():
+    # the only group is incomplete: layer 7 does not exist
+    with pytest.raises(ValueError, match=r"no layer of blocks \(4 layers\): offload_group_size 8 "):
+        _plan(4, 8, 1, 1)
+    with pytest.raises(ValueError, match=r"layers \[0, 1, 2, 3\] were chosen, but none of"):
+        _plan(4, 1, 1, 1, params=["nothing_like_this"])
 
 
 def test_llama_layer_params_in_registration_order():

@@ -62,13 +62,14 @@ def runtime_for(layers: nn.ModuleList, plan: OffloadPlan, schedule: Schedule) ->
 
 
 def runtimes_of(model: nn.Module) -> list[OffloadRuntime]:
-    """The runtimes of ``model``'s offloaded ModuleLists."""
-    found = (_BY_LAYER_LIST.get(m) for m in model.modules() if isinstance(m, nn.ModuleList))
+    """The runtimes of ``model``'s offloaded stacks (ModuleLists or Sequentials)."""
+    stacks = (m for m in model.modules() if isinstance(m, nn.ModuleList | nn.Sequential))
+    found = (_BY_LAYER_LIST.get(m) for m in stacks)
     return [runtime for runtime in found if runtime is not None]
 
 
 def offloaded_stacks(model: nn.Module) -> list[OffloadedStack]:
-    """The ModuleLists of ``model`` offloaded in this process (once its compile has run)."""
+    """The stacks of ``model`` offloaded in this process (once its compile has run)."""
     return [runtime.stack() for runtime in runtimes_of(model)]
 
 
