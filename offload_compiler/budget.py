@@ -63,3 +63,11 @@ def device_total_bytes(device: torch.device) -> int:
     import os
 
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def human(nbytes: float) -> str:
+    """``nbytes`` in the largest binary unit that keeps it at 1 or more: ``"9.31 GiB"``."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(nbytes) >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{int(nbytes)} B"

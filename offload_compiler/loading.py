@@ -88,6 +88,11 @@ def load_checkpoint(
     stored = read_index(files)
     params = _unique_parameters(model)
     sources = _match(params, stored)
+    if config.gpu_memory_budget is not None:  # planned on the sizes the load will place
+        for _, param in params:
+            target = _target_dtype(stored[sources[id(param)]].dtype, dtype)
+            if param.dtype != target:
+                param.data = param.data.to(target)
     config = resolve_budget(config, model, device)
     offloaded = {id(p) for p in offloaded_parameters(model, config, device)}
     start = time.perf_counter()

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .budget import MemoryAmount, device_total_bytes, to_bytes
+from .budget import MemoryAmount, device_total_bytes, human, to_bytes
 from .config import OffloadConfig, PrefetchOffloadConfig
 from .discovery import find_layer_list
 from .planning import shared_parameters
@@ -75,21 +75,19 @@ class Plan:
         return tuple(max(c, self.copy_ms) for c in self.compute_ms)
 
     def __str__(self) -> str:
-        gib = 2**30
         prefetch = self.config.prefetch
         m = self.memory
         parts = dict(prefetch.offload_layer_params)
         layers = ", ".join(f"{i}{'*' if i in parts else ''}" for i in prefetch.offload_layers)
         lines = [
-            f"offload plan for a budget of {self.budget / gib:.2f} GiB "
+            f"offload plan for a budget of {human(self.budget)} "
             f"(config hash {self.config.compute_hash()[:12]})",
             f"  offloaded layers of {self.config.layers_path}: {layers or 'none'}"
             + (" (* part of the layer: " + _parts(parts) + ")" if parts else ""),
-            f"  offloaded {self.offloaded_bytes / gib:.2f} GiB; device memory "
-            f"{m.total / gib:.2f} GiB = resident {m.resident / gib:.2f} + slots "
-            f"{m.slots / gib:.2f} ({prefetch.offload_prefetch_step} step) + workspace "
-            f"{m.workspace / gib:.2f} + reserve {m.reserve / gib:.2f}; "
-            f"{(self.budget - m.total) / gib:.2f} GiB left",
+            f"  offloaded {human(self.offloaded_bytes)}; device memory {human(m.total)} = "
+            f"resident {human(m.resident)} + slots {human(m.slots)} "
+            f"({prefetch.offload_prefetch_step} step) + workspace {human(m.workspace)} + "
+            f"reserve {human(m.reserve)}; {human(self.budget - m.total)} left",
             f"  costs: H2D {self.costs.h2d_gbps:.1f} GB/s, {self.costs.tflops:.0f} TFLOPS, "
             f"{self.costs.hbm_gbps:.0f} GB/s device memory ({self.costs.source})",
             "",
@@ -219,12 +217,11 @@ def plan(
             partial = None
     if chosen is None:
         need = memory(dict(enumerate(stack.layers)))
-        gib = 2**30
         raise BudgetError(
-            f"gpu_memory_budget {budget / gib:.2f} GiB < minimum {need.total / gib:.2f} GiB "
-            f"(resident {need.resident / gib:.2f} + slots {need.slots / gib:.2f} + workspace "
-            f"{need.workspace / gib:.2f} + reserve {need.reserve / gib:.2f}) with every layer "
-            f"of {stack.path} offloaded"
+            f"gpu_memory_budget {human(budget)} < minimum {human(need.total)} (resident "
+            f"{human(need.resident)} + slots {human(need.slots)} + workspace "
+            f"{human(need.workspace)} + reserve {human(need.reserve)}) with every layer of "
+            f"{stack.path} offloaded"
         )
     part = () if partial is None else ((partial, frozenset(n for n, _, _ in chosen[partial])),)
     prefetch = PrefetchOffloadConfig(

@@ -242,3 +242,25 @@ def test_gpu_a_resident_part_over_the_process_memory_cap_is_refused_before_placi
         assert all(p.is_meta for p in model.parameters())
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def test_a_budget_is_planned_on_the_sizes_the_load_places(tmp_path, monkeypatch):
+    """A model built in fp32 on the meta device, a bf16 checkpoint and a budget: the plan
+    counts bf16 bytes, the layers it picks are the ones loaded into host memory."""
+    import offload_compiler
+    from offload_compiler import costs
+    from offload_compiler.planner import Costs
+
+    given = Costs(h2d_gbps=50.0, tflops=400.0, hbm_gbps=3000.0, source="given")
+    monkeypatch.setattr(costs, "machine_costs", lambda device: given)
+    source = _source().to(torch.bfloat16)
+    save_file(_tensors(source), tmp_path / "model.safetensors")
+    budget = int(sum(p.nbytes for p in source.parameters()) * 0.7)
+    options = {"gpu_memory_budget": budget, "plan_tokens": (1, 4)}
+    expected = offload_compiler.plan(source, budget, (1, 4), device="cpu", costs=given)
+    model = load_checkpoint(_empty(), tmp_path, options, "cpu")
+    layers = expected.config.prefetch.offload_layers
+    assert 0 < len(layers) < SIZES["layers"]
+    for index in range(SIZES["layers"]):
+        offloaded = host_copy(model.layers[index].q_proj.weight) is not None
+        assert offloaded == (index in layers), index
