@@ -65,3 +65,19 @@ def test_transformers_compile_config_path_generates_the_resident_tokens(checkpoi
     assert torch.equal(got, expected), (got.tolist(), expected.tolist())
     (stack,) = offload_compiler.offloaded_stacks(model)  # the decode step ran compiled
     assert stack.layers == (1, 3)
+
+
+def test_a_budget_places_a_transformers_checkpoint_and_generates_the_resident_tokens(checkpoint):
+    path, reference = checkpoint
+    total = sum(p.nbytes for p in reference.parameters())
+    options = {"gpu_memory_budget": int(total * 0.75), "plan_tokens": (1, 8)}
+    model = offload_compiler.from_pretrained(path, options, "cpu")
+    model.forward = torch.compile(model.forward, backend="offload", options=options)
+    ids = torch.randint(0, 128, (1, 8))
+    kwargs = {"max_new_tokens": 6, "do_sample": False}
+    with torch.no_grad():
+        got = model.generate(ids, **kwargs)
+        expected = reference.generate(ids, **kwargs)
+    assert torch.equal(got, expected), (got.tolist(), expected.tolist())
+    (stack,) = offload_compiler.offloaded_stacks(model)
+    assert 0 < len(stack.layers) < 4 and stack.layers[-1] == 3
