@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -60,8 +61,6 @@ def device_total_bytes(device: torch.device) -> int:
     """The memory of ``device`` (CUDA), or of this machine (CPU, where budgets are notional)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    import os
-
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 

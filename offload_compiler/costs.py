@@ -9,6 +9,7 @@ nothing is fused, it errs on the high side of what Inductor's code needs.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -134,6 +135,4 @@ def estimate_workspace(model: nn.Module, tokens: int) -> int:
 
 
 def _takes_cache(model: nn.Module) -> bool:
-    import inspect
-
     return "use_cache" in inspect.signature(model.forward).parameters

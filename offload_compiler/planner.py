@@ -199,7 +199,7 @@ def plan(
     chosen: dict[int, tuple[tuple[str, int, int], ...]] | None = None
     partial: int | None = None
     for count in range(num + 1):
-        whole = {i: stack.layers[i] for i in (spread(count, num) if count else [])}
+        whole = {i: stack.layers[i] for i in spread(count, num)}
         if memory(whole).total <= budget:
             chosen = whole
             break
