@@ -206,7 +206,7 @@ class OffloadConfig(_FrozenConfig):
     memory_reserve: Annotated[MemoryAmount, AfterValidator(check_amount)] = 0
     """Part of ``gpu_memory_budget`` the planner leaves free for the caller (a KV cache)."""
 
-    plan_tokens: tuple[int, ...] = (1, 2048)
+    plan_tokens: tuple[Annotated[int, Field(ge=1)], ...] = Field(default=(1, 2048), min_length=1)
     """Token counts the planner predicts times for; the largest sizes the activation
     workspace it counts in the budget."""
 

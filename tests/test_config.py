@@ -536,3 +536,9 @@ def test_hash_is_stable_across_processes(seed: str) -> None:
     )
     expected = OffloadConfig.model_validate(_CROSS_PROCESS_OPTIONS).compute_hash()
     assert result.stdout.strip() == expected
+
+
+@pytest.mark.parametrize(("tokens", "message"), [((), "at least 1 item"), ((1, 0), "greater than")])
+def test_plan_tokens_must_name_positive_token_counts(tokens, message) -> None:
+    with pytest.raises(ValidationError, match=message):
+        OffloadConfig(plan_tokens=tokens)
