@@ -184,7 +184,7 @@ def _publish_graph(gm: fx.GraphModule) -> None:
 
 
 def _log_summary(runtimes: Sequence[OffloadRuntime], layers_here: int) -> None:
-    """The compile's one INFO line per offloaded ModuleList."""
+    """The compile's one INFO line per offloaded stack."""
     for runtime in runtimes:
         plan = runtime.plan
         log.info(

@@ -15,9 +15,10 @@ from .config import OffloadConfig
 from .discovery import (
     LayerDiscoveryError,
     candidate_roots,
-    known_layer_lists,
-    layer_list_of,
+    find_stack,
+    known_stacks,
     param_placeholders,
+    remember,
 )
 from .host_memory import offload_parameters
 from .passes import FetchRead, SlotRead
@@ -52,25 +53,30 @@ def bind_slot_reads(
     gm: fx.GraphModule, config: OffloadConfig, schedule: Schedule
 ) -> tuple[dict[str, SlotRead], list[OffloadRuntime]]:
     """The slot each placeholder of an offloaded parameter reads instead, and the runtimes of
-    the ModuleLists the graph touches (created on first use: weights moved, slots allocated)."""
+    the stacks the graph touches (created on first use: weights moved, slots allocated)."""
     placeholders = {id(p.param): p for p in param_placeholders(gm)}
-    layer_lists = known_layer_lists([p.param for p in placeholders.values()])
-    roots = candidate_roots(gm) if not layer_lists else []
+    stacks = known_stacks([p.param for p in placeholders.values()])
+    known = {id(p) for stack in stacks for p in stack.layers.parameters()}
+    # parameters outside every known stack (an embedding, or a stack not planned yet): look for
+    # stacks on the graph's roots too
+    roots = candidate_roots(gm) if any(key not in known for key in placeholders) else []
     errors = []
     for root in roots:
         try:
-            layer_lists.append(layer_list_of(root, config.layers_path))
+            found = find_stack(root, config.layers_path)
         except LayerDiscoveryError as err:
             errors.append(err)
-    if roots and not layer_lists:
+            continue
+        # a part of a known stack (an encoder compiled on its own) is that stack's
+        if any(id(p) not in known for p in found.layers.parameters()):
+            stacks.append(found)
+    if roots and not stacks:
         raise errors[0]
     reads: dict[str, SlotRead] = {}
     runtimes = []
-    for found in layer_lists:
-        layers = found.layers
-        plan = plan_prefetch(
-            layers, found.path, config.prefetch, shared_parameters(layers, found.root)
-        )
+    for stack in stacks:
+        layers = stack.layers
+        plan = plan_prefetch(stack, config.prefetch, shared_parameters(layers, stack.root))
         in_graph = [
             (layer, name, placeholders[id(param)])
             for layer in plan.layers
@@ -82,6 +88,7 @@ def bind_slot_reads(
         if torch.is_grad_enabled() and any(p.param.requires_grad for *_, p in in_graph):
             raise RuntimeError(_INFERENCE_ONLY)
         runtime = runtime_for(layers, plan, schedule)
+        remember(stack)
         runtimes.append(runtime)
         for layer, name, placeholder in in_graph:
             target = plan.next_in_slot(layer)

@@ -186,10 +186,12 @@ class OffloadConfig(_FrozenConfig):
     prefetch: PrefetchOffloadConfig = Field(default_factory=PrefetchOffloadConfig)
     """Settings used by the prefetch backend."""
 
-    layers_path: str | None = None
-    """Dotted path, relative to the compiled module, of the ``nn.ModuleList`` of repeated blocks
-    (e.g. ``"model.layers"``). ``None`` takes the longest ``ModuleList``, which can be wrong
-    when a model has several."""
+    layers_path: str | tuple[str, ...] | None = None
+    """Dotted path, relative to the compiled module, of the ``nn.ModuleList`` (or
+    ``nn.Sequential``) of repeated blocks (``"model.layers"``), or several paths in execution
+    order (``["encoder.block", "decoder.block"]``), whose blocks are then numbered as one
+    concatenated stack with one prefetch ring. ``None`` takes every stack of blocks found, in
+    registration order."""
 
     mode: InductorMode | None = None
     """Inductor mode to compile with (``torch.compile`` refuses ``mode=`` with ``options=``)."""
@@ -212,16 +214,22 @@ class OffloadConfig(_FrozenConfig):
 
     @field_validator("layers_path")
     @classmethod
-    def _check_layers_path(cls, path: str | None) -> str | None:
-        if path is not None and not all(
-            segment.isidentifier() or (segment.isascii() and segment.isdigit())
-            for segment in path.split(".")
-        ):
-            raise ValueError(
-                f"layers_path {path!r} must be a non-empty dotted path whose segments are "
-                "Python identifiers or decimal integers, e.g. 'model.layers'"
-            )
-        return path
+    def _check_layers_path(cls, path: str | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
+        paths = (path,) if isinstance(path, str) else path or ()
+        if path is not None and not paths:
+            raise ValueError("layers_path must name at least one path (or be None)")
+        for one in paths:
+            if not all(
+                segment.isidentifier() or (segment.isascii() and segment.isdigit())
+                for segment in one.split(".")
+            ):
+                raise ValueError(
+                    f"layers_path {one!r} must be a non-empty dotted path whose segments are "
+                    "Python identifiers or decimal integers, e.g. 'model.layers'"
+                )
+        if len(set(paths)) < len(paths):
+            raise ValueError(f"layers_path names a path twice: {list(paths)}")
+        return path[0] if isinstance(path, tuple) and len(path) == 1 else path
 
     @model_validator(mode="after")
     def _check_backends(self) -> OffloadConfig:

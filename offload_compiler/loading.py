@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import OffloadConfig
-from .discovery import layer_list_of
+from .discovery import stack_of
 from .host_memory import (
     PinnedArena,
     cuda_view_of_pinned,
@@ -139,7 +139,7 @@ def load_checkpoint(
         for name, buffer in module.named_buffers(recurse=False):
             module._buffers[name] = buffer.to(device)
     if config.selected_backend == "prefetch":
-        layer_list_of(model, config.layers_path)  # remembered for the new Parameters
+        stack_of(model, config.layers_path)  # remembered for the new Parameters
     seconds = time.perf_counter() - start
     host_peak, gpu_peak = peaks.read()
     figures = {

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .config import OffloadConfig
-from .discovery import layer_list_of
+from .discovery import stack_of
 from .host_memory import offload_parameters
 from .planner import resolve_budget
 from .planning import plan_prefetch, plan_uva, shared_parameters
@@ -55,10 +55,9 @@ def offloaded_parameters(
     backend); a ``gpu_memory_budget`` is planned here."""
     config = resolve_budget(config, model, device)
     if config.selected_backend == "prefetch":
-        found = layer_list_of(model, config.layers_path)
-        layers = found.layers
-        plan = plan_prefetch(layers, found.path, config.prefetch, shared_parameters(layers, model))
-        return plan.parameters(layers)
+        stack = stack_of(model, config.layers_path)
+        plan = plan_prefetch(stack, config.prefetch, shared_parameters(stack.layers, model))
+        return plan.parameters(stack.layers)
     if config.selected_backend == "uva":
         params = dict(model.named_parameters())
         return [params[name] for name in plan_uva(model, config.uva).params]

@@ -22,7 +22,7 @@ from torch import nn
 
 from .budget import MemoryAmount, device_total_bytes, human, to_bytes
 from .config import OffloadConfig, PrefetchOffloadConfig
-from .discovery import find_layer_list
+from .discovery import LayersPath, find_stack
 from .planning import shared_parameters
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class Plan:
         lines = [
             f"offload plan for a budget of {human(self.budget)} "
             f"(config hash {self.config.compute_hash()[:12]})",
-            f"  offloaded layers of {self.config.layers_path}: {layers or 'none'}"
+            f"  offloaded layers of {_joined(self.config.layers_path)}: {layers or 'none'}"
             + (" (* part of the layer: " + _parts(parts) + ")" if parts else ""),
             f"  offloaded {human(self.offloaded_bytes)}; device memory {human(m.total)} = "
             f"resident {human(m.resident)} + slots {human(m.slots)} "
@@ -101,6 +101,10 @@ class Plan:
         return "\n".join(lines)
 
 
+def _joined(path: LayersPath) -> str:
+    return path if isinstance(path, str) else "+".join(path or ())
+
+
 def _parts(parts: dict[int, frozenset[str]]) -> str:
     return "; ".join(f"{i}: {', '.join(sorted(p))}" for i, p in parts.items())
 
@@ -110,7 +114,7 @@ class _Stack:
     """What the search needs of a model: its stack's offloadable parameters per layer (name,
     bytes, elements) and everything else."""
 
-    path: str
+    path: str | tuple[str, ...]
     layers: tuple[tuple[tuple[str, int, int], ...], ...]
     other_bytes: int
     other_numel: int
@@ -119,8 +123,9 @@ class _Stack:
         return sum(nbytes for _, nbytes, _ in self.layers[index])
 
 
-def _stack(model: nn.Module, layers_path: str | None) -> _Stack:
-    path, layers = find_layer_list(model, layers_path)
+def _stack(model: nn.Module, layers_path: LayersPath) -> _Stack:
+    found = find_stack(model, layers_path)
+    layers = found.layers
     shared = shared_parameters(layers, model)
     per_layer, inside = [], set()
     for block in layers:
@@ -137,7 +142,7 @@ def _stack(model: nn.Module, layers_path: str | None) -> _Stack:
         seen.add(id(param))
         other_bytes, other_numel = other_bytes + _nbytes(param), other_numel + param.numel()
     other_bytes += sum(_nbytes(b) for b in model.buffers())
-    return _Stack(path, tuple(per_layer), other_bytes, other_numel)
+    return _Stack(found.option, tuple(per_layer), other_bytes, other_numel)
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -250,13 +255,13 @@ def plan(
         memory=memory(chosen),
         offloaded_bytes=offloaded,
         tokens=tokens,
-        compute_ms=tuple(_compute_ms(numel, itemsize, t, costs) for t in tokens),
+        compute_ms=tuple(predicted_compute_ms(numel, itemsize, t, costs) for t in tokens),
         copy_ms=offloaded / (costs.h2d_gbps * 1e6),
         costs=costs,
     )
 
 
-def _compute_ms(numel: int, itemsize: float, tokens: int, costs: Costs) -> float:
+def predicted_compute_ms(numel: int, itemsize: float, tokens: int, costs: Costs) -> float:
     """A forward's compute, estimated: every weight in a GEMM (2 FLOPs per weight and token),
     no faster than reading the weights once from device memory."""
     flops = 2.0 * numel * tokens

@@ -12,25 +12,27 @@ from functools import cached_property
 from torch import nn
 
 from .config import PrefetchOffloadConfig, UVAOffloadConfig, matches_segments
+from .discovery import Stack
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class OffloadedLayer:
-    """One offloaded block: its index in the ModuleList and its place in the prefetch cycle."""
+    """One offloaded block: its index in the stack and its place in the prefetch cycle."""
 
-    index: int  # global index in the ModuleList (model.layers.<index>)
+    index: int  # index in the stack (its position in the concatenation of several stacks)
     position: int  # k: rank among the offloaded layers
     slot: int  # k % prefetch_step
     params: tuple[str, ...]  # offloaded parameter names, relative to the block
+    name: str  # the block's qualified name (model.layers.3)
 
 
 @dataclass(frozen=True)
 class OffloadPlan:
-    """The offloaded layers of one ModuleList, in execution order."""
+    """The offloaded layers of one stack (several concatenated), in execution order."""
 
-    layers_path: str
+    layers_path: str  # the stack's paths joined by "+"
     num_layers: int
     prefetch_step: int
     layers: tuple[OffloadedLayer, ...]
@@ -39,8 +41,8 @@ class OffloadPlan:
     def num_slots(self) -> int:
         return min(self.prefetch_step, len(self.layers))
 
-    def parameters(self, layers: nn.ModuleList) -> list[nn.Parameter]:
-        """The offloaded parameters of ``layers`` (the ModuleList planned), in plan order."""
+    def parameters(self, layers: nn.Module) -> list[nn.Parameter]:
+        """The offloaded parameters of ``layers`` (the stack's blocks), in plan order."""
         chosen = []
         for layer in self.layers:
             params = dict(layers[layer.index].named_parameters())
@@ -48,7 +50,7 @@ class OffloadPlan:
         return chosen
 
     def layer_at(self, index: int) -> OffloadedLayer | None:
-        """The offloaded layer with ModuleList index ``index``, None if it stays resident."""
+        """The offloaded layer with stack index ``index``, None if it stays resident."""
         return self._by_index.get(index)
 
     def next_in_slot(self, layer: OffloadedLayer) -> OffloadedLayer:
@@ -65,7 +67,7 @@ class OffloadPlan:
         return {layer.index: layer for layer in self.layers}
 
 
-def shared_parameters(layers: nn.ModuleList, root: nn.Module | None) -> set[int]:
+def shared_parameters(layers: nn.Module, root: nn.Module | None) -> set[int]:
     """Ids of the layers' parameters also used outside their own layer (tied weights): read
     while the layer's slot is refilled for the next, they stay resident."""
     owners: dict[int, set[int]] = {}
@@ -82,23 +84,22 @@ def shared_parameters(layers: nn.ModuleList, root: nn.Module | None) -> set[int]
 
 
 def plan_prefetch(
-    layers: nn.ModuleList,
-    layers_path: str,
-    config: PrefetchOffloadConfig,
-    shared: Collection[int] = (),
+    stack: Stack, config: PrefetchOffloadConfig, shared: Collection[int] = ()
 ) -> OffloadPlan:
-    """Choose the offloaded layers (``offload_layers``, or ``i % group >= group - num_in_group``)
-    and their params: those not in ``shared`` and matching the layer's patterns (when set); a
-    layer left with none is not offloaded."""
+    """Choose the offloaded layers (``offload_layers``, or ``i % group >= group - num_in_group``
+    over the stack's blocks, several stacks concatenated) and their params: those not in
+    ``shared`` and matching the layer's patterns (when set); a layer left with none is not
+    offloaded."""
+    layers, layers_path = stack.layers, stack.name
     chosen: list[OffloadedLayer] = []
     for index in config.offloaded_layers(len(layers)):
+        block = stack.block_name(index)
         named = list(layers[index].named_parameters())
         kept = [name for name, param in named if id(param) in shared]
         if kept:
             log.warning(
-                "offload: %s.%d: %s also used outside the layer; kept resident",
-                layers_path,
-                index,
+                "offload: %s: %s also used outside the layer; kept resident",
+                block,
                 ", ".join(kept),
             )
         names = tuple(
@@ -107,15 +108,14 @@ def plan_prefetch(
             if id(param) not in shared
             and (
                 not (patterns := config.layer_params(index))
-                or matches_segments(f"{layers_path}.{index}.{name}", patterns)
+                or matches_segments(f"{block}.{name}", patterns)
             )
         )
         if not names:
             continue
         position = len(chosen)
-        chosen.append(
-            OffloadedLayer(index, position, position % config.offload_prefetch_step, names)
-        )
+        slot = position % config.offload_prefetch_step
+        chosen.append(OffloadedLayer(index, position, slot, names, block))
     if not chosen:
         raise ValueError(_selects_nothing(layers_path, len(layers), config))
     return OffloadPlan(layers_path, len(layers), config.offload_prefetch_step, tuple(chosen))

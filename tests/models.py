@@ -9,7 +9,7 @@ from torch import nn
 
 from offload_compiler.llama import LlamaShaped
 
-__all__ = ["BiasBlock", "LlamaShaped", "MLPStack", "clone_model"]
+__all__ = ["BiasBlock", "GatedBlock", "LlamaShaped", "MLPStack", "TwoStacks", "clone_model"]
 
 
 class BiasBlock(nn.Module):
@@ -50,6 +50,40 @@ class PerLayerBreaks(MLPStack):
         for block in self.blocks:
             x = block(x)
             torch._dynamo.graph_break()
+        return x
+
+
+class GatedBlock(nn.Module):
+    """x + sigmoid(G x) * (W x): a block of another class and other parameters than BiasBlock."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(dim, dim, bias=False)
+        self.value = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.sigmoid(self.gate(x)) * self.value(x)
+
+
+class TwoStacks(nn.Module):
+    """An encoder stack and a decoder stack of different blocks, as in T5 or Flux; with
+    ``graph_break`` the decoder runs in a graph of its own."""
+
+    def __init__(
+        self, encoder: int = 3, decoder: int = 3, dim: int = 8, graph_break: bool = False
+    ) -> None:
+        super().__init__()
+        self.encoder = nn.ModuleList(BiasBlock(dim) for _ in range(encoder))
+        self.decoder = nn.ModuleList(GatedBlock(dim) for _ in range(decoder))
+        self.graph_break = graph_break
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.encoder:
+            x = block(x)
+        if self.graph_break:
+            torch._dynamo.graph_break()
+        for block in self.decoder:
+            x = block(x)
         return x
 
 

@@ -542,3 +542,22 @@ def test_hash_is_stable_across_processes(seed: str) -> None:
 def test_plan_tokens_must_name_positive_token_counts(tokens, message) -> None:
     with pytest.raises(ValidationError, match=message):
         OffloadConfig(plan_tokens=tokens)
+
+
+def test_layers_path_takes_several_paths_in_order_and_one_path_as_a_string() -> None:
+    config = OffloadConfig(layers_path=["encoder.block", "decoder.block"])
+    assert config.layers_path == ("encoder.block", "decoder.block")
+    assert OffloadConfig(layers_path=["model.layers"]).layers_path == "model.layers"
+    assert (
+        config.compute_hash()
+        != OffloadConfig(layers_path=["decoder.block", "encoder.block"]).compute_hash()
+    )
+
+
+@pytest.mark.parametrize(
+    ("paths", "message"),
+    [([], "at least one path"), (["a.b", "a.b"], "names a path twice"), (["a", "b c"], "'b c'")],
+)
+def test_bad_lists_of_layers_paths_are_rejected(paths: list[str], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        OffloadConfig(layers_path=paths)

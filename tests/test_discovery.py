@@ -9,12 +9,12 @@ from torch import nn
 from offload_compiler.discovery import (
     LayerDiscoveryError,
     candidate_roots,
-    find_layer_list,
-    known_layer_lists,
-    layer_list_of,
+    find_stack,
+    known_stacks,
     param_placeholders,
+    stack_of,
 )
-from tests.models import LlamaShaped
+from tests.models import LlamaShaped, TwoStacks
 
 
 class Nested(nn.Module):
@@ -46,14 +46,15 @@ def test_outermost_list_of_blocks_with_parameters_wins():
     # 9 activations have no parameters; 4 experts per block outnumber the 3 layers but sit
     # inside them
     model = Nested()
-    assert find_layer_list(model) == ("model.layers", model.model.layers)
-    assert find_layer_list(model, "model.layers.0.experts")[0] == "model.layers.0.experts"
+    stack = find_stack(model)
+    assert (stack.paths, stack.layers) == (("model.layers",), model.model.layers)
+    assert find_stack(model, "model.layers.0.experts").paths == ("model.layers.0.experts",)
 
 
 def test_llama_layers_found():
     model = LlamaShaped(layers=3, dim=8, heads=2, kv_heads=1, hidden=16, vocab=8)
-    path, layers = find_layer_list(model)
-    assert (path, layers) == ("layers", model.layers)
+    stack = find_stack(model)
+    assert (stack.name, stack.layers, stack.block_name(2)) == ("layers", model.layers, "layers.2")
 
 
 @pytest.mark.parametrize(
@@ -66,21 +67,21 @@ def test_llama_layers_found():
 )
 def test_layers_path_errors(path, message):
     with pytest.raises(LayerDiscoveryError, match=message):
-        find_layer_list(Nested(), path)
+        find_stack(Nested(), path)
 
 
 def test_no_list_is_a_clear_error():
     with pytest.raises(LayerDiscoveryError, match=r"Linear has no nn\.ModuleList"):
-        find_layer_list(nn.Linear(2, 2))
+        find_stack(nn.Linear(2, 2))
 
 
 def test_remembered_lists_are_found_by_parameter():
     model = LlamaShaped(layers=2, dim=8, heads=2, kv_heads=1, hidden=16, vocab=8)
-    assert known_layer_lists([model.layers[1].q_proj.weight]) == []
-    entry = layer_list_of(model)
-    found = known_layer_lists([model.layers[1].q_proj.weight, model.lm_head.weight])
+    assert known_stacks([model.layers[1].q_proj.weight]) == []
+    entry = stack_of(model)
+    found = known_stacks([model.layers[1].q_proj.weight, model.lm_head.weight])
     assert found == [entry]
-    assert (entry.path, entry.layers, entry.root) == ("layers", model.layers, model)
+    assert (entry.paths, entry.layers, entry.root) == (("layers",), model.layers, model)
 
 
 def test_candidate_roots_are_the_outermost_modules_of_the_frame():
@@ -116,8 +117,8 @@ class SequentialStack(nn.Module):
 
 def test_a_sequential_of_blocks_of_one_class_is_a_stack_and_a_pipeline_is_not():
     model = SequentialStack()
-    assert find_layer_list(model) == ("blocks", model.blocks)
-    assert find_layer_list(model, "stem")[0] == "stem"  # named, a Sequential is taken as given
+    assert find_stack(model).layers is model.blocks
+    assert find_stack(model, "stem").paths == ("stem",)  # named, a Sequential is taken as given
 
 
 def test_a_sequential_stack_compiles_offloaded_equal_to_inductor_on_every_call():
@@ -136,3 +137,46 @@ def test_a_sequential_stack_compiles_offloaded_equal_to_inductor_on_every_call()
             torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-5)
     (stack,) = offload_compiler.offloaded_stacks(model)
     assert (stack.layers_path, stack.layers) == ("blocks", (1, 3, 5))
+
+
+def test_every_stack_is_found_in_registration_order_and_numbered_as_one():
+    model = TwoStacks(encoder=3, decoder=2)
+    stack = find_stack(model)
+    assert (stack.paths, stack.lengths, stack.name) == (
+        ("encoder", "decoder"),
+        (3, 2),
+        "encoder+decoder",
+    )
+    assert list(stack.layers) == [*model.encoder, *model.decoder]
+    assert [stack.block_name(i) for i in (2, 3, 4)] == ["encoder.2", "decoder.0", "decoder.1"]
+    assert find_stack(model).layers is stack.layers  # one object: its runtime is found by it
+
+
+def test_layers_path_names_one_stack_or_several_in_the_order_given():
+    model = TwoStacks(encoder=3, decoder=2)
+    assert find_stack(model, "decoder").layers is model.decoder
+    stack = find_stack(model, ("decoder", "encoder"))
+    assert list(stack.layers) == [*model.decoder, *model.encoder]
+    with pytest.raises(
+        LayerDiscoveryError, match=r"'model\.layers' and 'model\.layers\.0\.experts'"
+    ):
+        find_stack(Nested(), ("model.layers", "model.layers.0.experts"))
+
+
+def test_two_stacks_compile_offloaded_equal_to_inductor_on_every_call_and_form_one_ring():
+    import copy
+
+    import offload_compiler
+
+    torch.manual_seed(0)
+    model = TwoStacks(encoder=3, decoder=3, dim=16, graph_break=True).eval()
+    reference = torch.compile(copy.deepcopy(model))
+    options = {"prefetch": {"offload_group_size": 2, "offload_num_in_group": 1}}
+    compiled = torch.compile(model, backend="offload", options=options)
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(4, 16)
+            torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-5)
+    (stack,) = offload_compiler.offloaded_stacks(model)
+    assert (stack.layers_path, stack.layers) == ("encoder+decoder", (1, 3, 5))
+    assert stack.layer_names == ("encoder.1", "decoder.0", "decoder.2")

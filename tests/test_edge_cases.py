@@ -45,7 +45,7 @@ def test_weight_tied_outside_its_layer_stays_resident(caplog):
     with caplog.at_level(logging.WARNING, logger="offload_compiler"):
         _equal_over_calls(model, prefetch_options(step=2), lambda: torch.randn(3, 16))
     assert any("layers.1: weight also used outside the layer" in r.message for r in caplog.records)
-    plan = runtime_module._BY_LAYER_LIST[model.layers].plan
+    plan = runtime_module._BY_STACK[model.layers].plan
     assert [layer.index for layer in plan.layers] == [0, 2, 3]
 
 
@@ -60,7 +60,7 @@ def test_parameter_shared_by_two_layers_stays_resident(per_param, caplog):
     options = prefetch_options(step=2, per_param=per_param)
     with caplog.at_level(logging.WARNING, logger="offload_compiler"):
         _equal_over_calls(model, options, lambda: torch.randn(3, 16))
-    plan = runtime_module._BY_LAYER_LIST[model.blocks].plan
+    plan = runtime_module._BY_STACK[model.blocks].plan
     assert plan.layer_at(0).params == ("fc.bias",)
     assert plan.layer_at(3).params == ("fc.bias",)
     assert plan.layer_at(1).params == ("fc.weight", "fc.bias")
@@ -91,7 +91,7 @@ def test_buffers_in_offloaded_layers_stay_resident_and_are_used():
     torch.manual_seed(0)
     model = WithBuffers()
     _equal_over_calls(model, prefetch_options(step=1), lambda: torch.randn(3, 16))
-    plan = runtime_module._BY_LAYER_LIST[model.layers].plan
+    plan = runtime_module._BY_STACK[model.layers].plan
     assert all(layer.params == ("fc.weight", "fc.bias") for layer in plan.layers)
 
 
@@ -114,7 +114,7 @@ def test_layers_of_different_shapes_get_their_own_slot_buffers(step):
     torch.manual_seed(0)
     model = Funnel()
     _equal_over_calls(model, prefetch_options(step=step), lambda: torch.randn(3, 16))
-    runtime = runtime_module._BY_LAYER_LIST[model.layers]
+    runtime = runtime_module._BY_STACK[model.layers]
     for layer in range(4):
         slots = runtime.slot_tensors(layer)
         assert slots["weight"].shape == model.layers[layer].weight.shape

@@ -15,13 +15,14 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 from offload_compiler.config import OffloadConfig
+from offload_compiler.discovery import find_stack
 from offload_compiler.planning import plan_prefetch
 from tests.common import prefetch_options
 from tests.graphs import rewrites, unfenced_slot_reads
 from tests.models import LlamaShaped, MLPStack
 
 
-def _generated(model, layers, options, x):
+def _generated(model, options, x):
     """The compiled code, the names of its slot inputs and the layer -> slot map."""
     (rewrite,) = rewrites(model, options, x)
     placeholders = rewrite.gm.graph.find_nodes(op="placeholder")
@@ -30,7 +31,7 @@ def _generated(model, layers, options, x):
     for i, node in enumerate(placeholders[first_slot:], start=first_slot):
         match = re.fullmatch(r"offload_slot_r\d+_s(\d+)_(\w+?)(?:_\d+)?", node.name)
         slot_args[f"arg{i}_1"] = (int(match.group(1)), match.group(2))
-    plan = plan_prefetch(layers, "layers", OffloadConfig.model_validate(options).prefetch)
+    plan = plan_prefetch(find_stack(model), OffloadConfig.model_validate(options).prefetch)
     slot_of_layer = {layer.index: layer.slot for layer in plan.layers}
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="offload", options=options)
@@ -46,7 +47,7 @@ def test_mlp_slots_are_not_read_while_being_refilled(step, mode):
     torch.manual_seed(0)
     model = MLPStack(layers=4, dim=16)
     options = {**prefetch_options(1, 1, step, per_param=False), "mode": mode}
-    code, slot_args, slot_of_layer = _generated(model, model.blocks, options, torch.randn(2, 16))
+    code, slot_args, slot_of_layer = _generated(model, options, torch.randn(2, 16))
     assert code.count("torch.ops.offload.start_prefetch") == 4
     assert code.count("torch.ops.offload.wait_prefetch") == 4
     assert code.count("torch.ops.offload.join_after_forward") == 1
@@ -58,7 +59,6 @@ def test_llama_slots_are_not_read_while_being_refilled():
     model = LlamaShaped(layers=4, dim=32, heads=4, kv_heads=2, hidden=64, vocab=64)
     code, slot_args, slot_of_layer = _generated(
         model,
-        model.layers,
         prefetch_options(1, 1, 1, per_param=False),
         torch.randint(0, 64, (1, 8)),
     )
@@ -95,9 +95,7 @@ def test_per_param_refills_leave_the_other_parameters_readable_but_never_their_o
     torch.manual_seed(0)
     model = LlamaShaped(layers=4, dim=32, heads=4, kv_heads=2, hidden=64, vocab=64)
     options = prefetch_options(1, 1, 1, per_param=True)
-    code, slot_args, slot_of_layer = _generated(
-        model, model.layers, options, torch.randint(0, 64, (1, 8))
-    )
+    code, slot_args, slot_of_layer = _generated(model, options, torch.randint(0, 64, (1, 8)))
     bad, seen = unfenced_slot_reads(code, slot_args, slot_of_layer)
     assert bad == []
     assert seen == 4 * 9 * 2  # a wait and a start per layer and parameter

@@ -21,7 +21,7 @@ from torch._dynamo.utils import counters
 import offload_compiler
 from offload_compiler.host_memory import host_copy, plan_pinned_blocks
 from offload_compiler.runtime.counter_order import CounterOrder
-from offload_compiler.runtime.registry import _BY_LAYER_LIST
+from offload_compiler.runtime.registry import _BY_STACK
 from tests.common import prefetch_options
 from tests.models import LlamaShaped, MLPStack, clone_model
 
@@ -563,7 +563,7 @@ def test_two_models_each_with_own_pool_and_stream():
             )
             torch.testing.assert_close(ca(ids), ref_a(ids), rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(cb(x), ref_b(x), rtol=1e-4, atol=1e-4)
-    ra, rb = _BY_LAYER_LIST[a.layers], _BY_LAYER_LIST[b.blocks]
+    ra, rb = _BY_STACK[a.layers], _BY_STACK[b.blocks]
     assert ra._order._copy_stream != rb._order._copy_stream
     assert ra.pool is not rb.pool
 
@@ -697,7 +697,7 @@ def test_host_copies_interleaved_with_default_mode_and_a_new_shape():
             expected = reference(ids).clone()
             for compiled in (graphs, default) if i % 3 == 0 else (graphs,):
                 torch.testing.assert_close(compiled(ids).clone(), expected, rtol=1e-4, atol=1e-4)
-    runtime = _BY_LAYER_LIST[model.layers]
+    runtime = _BY_STACK[model.layers]
     assert isinstance(runtime._order, CounterOrder)
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
     torch.cuda.synchronize()
@@ -717,5 +717,5 @@ def test_captured_copies_option_equals_inductor():
             ids = torch.randint(0, VOCAB, (2, 16), device="cuda")
             expected = reference(ids).clone()
             torch.testing.assert_close(offloaded(ids).clone(), expected, rtol=1e-4, atol=1e-4)
-    assert not isinstance(_BY_LAYER_LIST[offloaded._orig_mod.layers]._order, CounterOrder)
+    assert not isinstance(_BY_STACK[offloaded._orig_mod.layers]._order, CounterOrder)
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])

@@ -6,6 +6,7 @@ import torch
 
 from offload_compiler import ops
 from offload_compiler.config import PrefetchOffloadConfig
+from offload_compiler.discovery import find_stack
 from offload_compiler.planning import plan_prefetch
 from offload_compiler.runtime.registry import runtime_for
 from tests.common import cpu_schedule
@@ -27,7 +28,7 @@ def test_schemas_declare_the_anchor_mutation_and_return_nothing():
 def test_ops_drive_the_runtime_and_leave_anchors_unchanged():
     model = MLPStack(layers=2, dim=4)
     config = PrefetchOffloadConfig(offload_group_size=1, offload_num_in_group=1)
-    plan = plan_prefetch(model.blocks, "blocks", config)
+    plan = plan_prefetch(find_stack(model, "blocks"), config)
     runtime = runtime_for(model.blocks, plan, cpu_schedule(config))
     anchor = torch.randn(3)
     before = anchor.clone()

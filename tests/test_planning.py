@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from offload_compiler.config import PrefetchOffloadConfig
+from offload_compiler.discovery import find_stack
 from offload_compiler.planning import plan_prefetch
 from tests.models import LlamaShaped, MLPStack
 
@@ -17,7 +18,7 @@ def _plan(layers: int, group: int, num: int, step: int, params=()):
         offload_prefetch_step=step,
         offload_params=frozenset(params),
     )
-    return plan_prefetch(model.blocks, "blocks", config)
+    return plan_prefetch(find_stack(model, "blocks"), config)
 
 
 @pytest.mark.parametrize(
@@ -77,7 +78,9 @@ def test_offload_params_selects_by_segment():
 def test_a_layer_without_matching_parameters_is_not_offloaded():
     model = LlamaShaped(layers=2, dim=8, heads=2, kv_heads=1, hidden=16, vocab=8)
     config = PrefetchOffloadConfig(offload_layers=(0, 1), offload_layer_params=((1, {"nope"}),))
-    assert [layer.index for layer in plan_prefetch(model.layers, "layers", config).layers] == [0]
+    assert [layer.index for layer in plan_prefetch(find_stack(model, "layers"), config).layers] == [
+        0
+    ]
 
 
 def test_a_config_that_offloads_nothing_is_an_error_naming_the_numbers():
@@ -91,10 +94,10 @@ def test_a_config_that_offloads_nothing_is_an_error_naming_the_numbers():
 def test_llama_layer_params_in_registration_order():
     model = LlamaShaped(layers=2, dim=8, heads=2, kv_heads=1, hidden=16, vocab=8)
     config = PrefetchOffloadConfig(offload_group_size=2, offload_num_in_group=1)
-    (layer,) = plan_prefetch(model.layers, "layers", config).layers
+    (layer,) = plan_prefetch(find_stack(model, "layers"), config).layers
     assert layer.index == 1
     assert layer.params[:3] == ("input_norm.weight", "q_proj.weight", "k_proj.weight")
-    assert plan_prefetch(model.layers, "layers", config).layer_at(0) is None
+    assert plan_prefetch(find_stack(model, "layers"), config).layer_at(0) is None
 
 
 def test_explicit_layers_and_a_partial_layer():
@@ -102,7 +105,7 @@ def test_explicit_layers_and_a_partial_layer():
     config = PrefetchOffloadConfig(
         offload_layers=(1, 3, 4), offload_layer_params=((4, frozenset({"fc.weight"})),)
     )
-    plan = plan_prefetch(model.blocks, "blocks", config)
+    plan = plan_prefetch(find_stack(model, "blocks"), config)
     assert [(layer.index, layer.params) for layer in plan.layers] == [
         (1, ("fc.weight", "fc.bias")),
         (3, ("fc.weight", "fc.bias")),
@@ -114,4 +117,4 @@ def test_explicit_layers_and_a_partial_layer():
 def test_explicit_layers_beyond_the_model_are_named():
     config = PrefetchOffloadConfig(offload_layers=(1, 6, 9))
     with pytest.raises(ValueError, match=r"names layers \[6, 9\], but the model has 6 layers"):
-        plan_prefetch(MLPStack(layers=6, dim=4).blocks, "blocks", config)
+        plan_prefetch(find_stack(MLPStack(layers=6, dim=4), "blocks"), config)

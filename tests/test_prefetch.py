@@ -10,7 +10,7 @@ from torch._dynamo.exc import BackendCompilerFailed
 from offload_compiler import ops
 from tests.common import prefetch_options
 from tests.graphs import rewrites, summary
-from tests.models import LlamaShaped, MLPStack
+from tests.models import LlamaShaped, MLPStack, TwoStacks
 
 
 def _mlp(layers: int = 4, **kw) -> tuple[MLPStack, torch.Tensor]:
@@ -230,6 +230,109 @@ linear_1 = linear(x, slot_s1_fc_weight, slot_s1_fc_bias)
 start_prefetch(layer=1, anchors=[empty, linear_1])
 relu_1 = relu(linear_1)
 x_1 = add(relu_1, x)
+join_after_forward(rejoin=False, anchors=[empty])
+return [x_1, empty]""",
+        )
+
+    def test_two_stacks_form_one_ring_with_the_group_pattern_over_their_concatenation(self):
+        # encoder blocks are layers 0-2, decoder blocks 3-5; group 2 offloads 1, 3 and 5, and the
+        # copy after encoder layer 1 fills the slot for decoder layer 3 (the ring crosses)
+        torch.manual_seed(0)
+        model, x = TwoStacks(), torch.randn(2, 8)
+        (rewrite,) = rewrites(model, prefetch_options(2, 1, 1, per_param=False), x)
+        self.assertExpectedInline(
+            summary(rewrite.gm),
+            """\
+slot slot_s0_fc_weight
+slot slot_s0_fc_bias
+slot slot_s0_gate_weight
+slot slot_s0_value_weight
+empty = empty([0])
+linear = linear(l_x, encoder.0.fc.weight, encoder.0.fc.bias)
+relu = relu(linear)
+x = add(relu, l_x)
+wait_prefetch(layer=1, anchors=[empty, x])
+linear_1 = linear(x, slot_s0_fc_weight, slot_s0_fc_bias)
+start_prefetch(layer=3, anchors=[empty, linear_1])
+relu_1 = relu(linear_1)
+x_1 = add(relu_1, x)
+linear_2 = linear(x_1, encoder.2.fc.weight, encoder.2.fc.bias)
+relu_2 = relu(linear_2)
+x_2 = add(relu_2, x_1)
+wait_prefetch(layer=3, anchors=[empty, x_2])
+linear_3 = linear(x_2, slot_s0_gate_weight, None)
+sigmoid = sigmoid(linear_3)
+linear_4 = linear(x_2, slot_s0_value_weight, None)
+start_prefetch(layer=5, anchors=[empty, sigmoid, linear_4])
+mul = mul(sigmoid, linear_4)
+x_3 = add(x_2, mul)
+linear_5 = linear(x_3, decoder.1.gate.weight, None)
+sigmoid_1 = sigmoid(linear_5)
+linear_6 = linear(x_3, decoder.1.value.weight, None)
+mul_1 = mul(sigmoid_1, linear_6)
+x_4 = add(x_3, mul_1)
+wait_prefetch(layer=5, anchors=[empty, x_4])
+linear_7 = linear(x_4, slot_s0_gate_weight, None)
+sigmoid_2 = sigmoid(linear_7)
+linear_8 = linear(x_4, slot_s0_value_weight, None)
+start_prefetch(layer=1, anchors=[empty, sigmoid_2, linear_8])
+mul_2 = mul(sigmoid_2, linear_8)
+x_5 = add(x_4, mul_2)
+join_after_forward(rejoin=False, anchors=[empty])
+return [x_5, empty]""",
+        )
+
+    def test_two_stacks_in_two_graphs_keep_one_ring(self):
+        # the decoder compiled on its own still numbers its blocks after the encoder's, and the
+        # last decoder layer's slot is refilled for the first encoder layer of the next call
+        torch.manual_seed(0)
+        model, x = TwoStacks(encoder=2, decoder=2, graph_break=True), torch.randn(2, 8)
+        first, second = rewrites(model, prefetch_options(1, 1, 2, per_param=False), x)
+        self.assertExpectedInline(
+            summary(first.gm),
+            """\
+slot slot_s0_fc_weight
+slot slot_s0_fc_bias
+slot slot_s1_fc_weight
+slot slot_s1_fc_bias
+empty = empty([0])
+clone = clone(l_x)
+wait_prefetch(layer=0, anchors=[empty, clone])
+linear = linear(clone, slot_s0_fc_weight, slot_s0_fc_bias)
+start_prefetch(layer=2, anchors=[empty, linear])
+relu = relu(linear)
+x = add(relu, l_x)
+wait_prefetch(layer=1, anchors=[empty, x])
+linear_1 = linear(x, slot_s1_fc_weight, slot_s1_fc_bias)
+start_prefetch(layer=3, anchors=[empty, linear_1])
+relu_1 = relu(linear_1)
+x_1 = add(relu_1, x)
+join_after_forward(rejoin=False, anchors=[empty])
+return [x_1, empty]""",
+        )
+        self.assertExpectedInline(
+            summary(second.gm),
+            """\
+slot slot_s0_gate_weight
+slot slot_s0_value_weight
+slot slot_s1_gate_weight
+slot slot_s1_value_weight
+empty = empty([0])
+clone = clone(l_x)
+wait_prefetch(layer=2, anchors=[empty, clone])
+linear = linear(clone, slot_s0_gate_weight, None)
+sigmoid = sigmoid(linear)
+linear_1 = linear(clone, slot_s0_value_weight, None)
+start_prefetch(layer=0, anchors=[empty, sigmoid, linear_1])
+mul = mul(sigmoid, linear_1)
+x = add(l_x, mul)
+wait_prefetch(layer=3, anchors=[empty, x])
+linear_2 = linear(x, slot_s1_gate_weight, None)
+sigmoid_1 = sigmoid(linear_2)
+linear_3 = linear(x, slot_s1_value_weight, None)
+start_prefetch(layer=1, anchors=[empty, sigmoid_1, linear_3])
+mul_1 = mul(sigmoid_1, linear_3)
+x_1 = add(x, mul_1)
 join_after_forward(rejoin=False, anchors=[empty])
 return [x_1, empty]""",
         )

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from offload_compiler.config import PrefetchOffloadConfig
+from offload_compiler.discovery import find_stack
 from offload_compiler.planning import plan_prefetch
 from offload_compiler.runtime.registry import get_runtime, runtime_for
 from tests.common import cpu_schedule
@@ -17,7 +18,7 @@ def _runtime(step: int = 1, layers: int = 3):
     config = PrefetchOffloadConfig(
         offload_group_size=1, offload_num_in_group=1, offload_prefetch_step=step
     )
-    plan = plan_prefetch(model.blocks, "blocks", config)
+    plan = plan_prefetch(find_stack(model, "blocks"), config)
     return model, runtime_for(model.blocks, plan, cpu_schedule(config))
 
 
@@ -59,7 +60,7 @@ def test_unknown_runtime_id_is_explained():
 def test_not_offloaded_layer_is_an_error():
     model = MLPStack(layers=4, dim=4)
     config = PrefetchOffloadConfig(offload_group_size=2, offload_num_in_group=1)
-    plan = plan_prefetch(model.blocks, "blocks", config)
+    plan = plan_prefetch(find_stack(model, "blocks"), config)
     runtime = runtime_for(model.blocks, plan, cpu_schedule(config))
     with pytest.raises(RuntimeError, match="layer 0 of blocks is not offloaded"):
         runtime.wait(0)
@@ -80,7 +81,7 @@ def test_dropping_a_compiled_model_frees_its_runtime():
     )
     with torch.no_grad():
         compiled(torch.randn(2, 16))
-    runtime = registry._BY_LAYER_LIST[model.blocks]
+    runtime = registry._BY_STACK[model.blocks]
     freed = weakref.ref(runtime)
     slot = weakref.ref(runtime.slot_tensors(1)["fc.weight"])
     runtime_id = runtime.id

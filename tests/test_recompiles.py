@@ -14,7 +14,7 @@ OPTIONS = {
 
 
 def _runtime_of(layers):
-    return runtime_module._BY_LAYER_LIST[layers]
+    return runtime_module._BY_STACK[layers]
 
 
 @pytest.mark.parametrize("dynamic", [True, None])  # None: automatic dynamic after a 2nd shape

@@ -1,4 +1,4 @@
-"""The prefetch runtime of one offloaded ModuleList: its host copies, its slots, and the
+"""The prefetch runtime of one offloaded stack: its host copies, its slots, and the
 ordering of the copies into the slots (events, `event_order`; counters, `counter_order`; or
 synchronous copies without a GPU), which the custom ops drive (`ops`).
 """
@@ -28,11 +28,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class OffloadedStack:
-    """What the prefetch backend offloaded of one ModuleList of a model."""
+    """What the prefetch backend offloaded of one stack of a model (several stacks, such as an
+    encoder's and a decoder's blocks, form one)."""
 
     layers_path: str
+    """The stack's path, or its paths joined by ``+``."""
     layers: tuple[int, ...]
-    """Indices of the offloaded layers, in copy order."""
+    """Indices of the offloaded layers in the stack (the concatenation of several), in copy
+    order."""
+    layer_names: tuple[str, ...]
+    """Their qualified names (``decoder.block.2``)."""
     host_tensors: tuple[torch.Tensor, ...] = field(repr=False)
     """The offloaded parameters' host copies (pinned on CUDA), in copy order."""
     host_bytes: int
@@ -41,10 +46,10 @@ class OffloadedStack:
 
 
 class OffloadRuntime:
-    """Host copies, slot buffers and copy ordering of one offloaded ModuleList."""
+    """Host copies, slot buffers and copy ordering of one offloaded stack."""
 
     def __init__(
-        self, runtime_id: int, layers: nn.ModuleList, plan: OffloadPlan, schedule: Schedule
+        self, runtime_id: int, layers: nn.Module, plan: OffloadPlan, schedule: Schedule
     ) -> None:
         self.id = runtime_id
         self.plan = plan
@@ -101,11 +106,17 @@ class OffloadRuntime:
         """Rejoin the copy stream into the compute stream (op join_after_forward)."""
         self._order.join()
 
+    def blocks(self) -> list[nn.Module]:
+        """The stack's blocks (none once the model is gone)."""
+        layers = self._layers()
+        return [] if layers is None else list(layers)
+
     def stack(self) -> OffloadedStack:
         """This runtime as the public `OffloadedStack`."""
         return OffloadedStack(
             self.plan.layers_path,
             tuple(layer.index for layer in self.plan.layers),
+            tuple(layer.name for layer in self.plan.layers),
             tuple(t for host in self._host for t in host.values()),
             self.host_bytes,
             self.pool.nbytes,
@@ -117,7 +128,7 @@ class OffloadRuntime:
         if self._param_versions() != self._versions:
             self.reload()
 
-    def bind(self, layers: nn.ModuleList) -> None:
+    def bind(self, layers: nn.Module) -> None:
         """Take the Parameters ``layers`` hold now as the offloaded ones, if they are others
         (``load_state_dict(assign=True)`` makes new ones; a compile follows it)."""
         params = self.plan.parameters(layers)
@@ -135,7 +146,7 @@ class OffloadRuntime:
         for ref, (layer, name) in zip(self._params, units, strict=True):
             if (param := ref()) is None:
                 continue  # the model is gone
-            where = f"{self.plan.layers_path}.{layer.index}.{name}"
+            where = f"{layer.name}.{name}"
             adopt_values(param, self._host[layer.position][name], where, self.device)
         self._versions = self._param_versions()
         log.info("offload: %s: weights changed; slots filled again", self.plan.layers_path)

@@ -21,9 +21,7 @@ if TYPE_CHECKING:
 _T = TypeVar("_T")
 
 _RUNTIMES: list[weakref.ref[OffloadRuntime]] = []
-_BY_LAYER_LIST: weakref.WeakKeyDictionary[nn.ModuleList, OffloadRuntime] = (
-    weakref.WeakKeyDictionary()
-)
+_BY_STACK: weakref.WeakKeyDictionary[nn.Module, OffloadRuntime] = weakref.WeakKeyDictionary()
 _FETCHERS: list[weakref.ref[HostFetcher]] = []
 _FETCHER_OF_ROOT: weakref.WeakKeyDictionary[nn.Module, HostFetcher] = weakref.WeakKeyDictionary()
 
@@ -44,13 +42,23 @@ def get_runtime(runtime_id: int) -> OffloadRuntime:
     return _registered(_RUNTIMES, "runtime", runtime_id)
 
 
-def runtime_for(layers: nn.ModuleList, plan: OffloadPlan, schedule: Schedule) -> OffloadRuntime:
-    """The runtime of ``layers``, created (weights moved to host, slots filled) on first use."""
-    runtime = _BY_LAYER_LIST.get(layers)
+def runtime_for(layers: nn.Module, plan: OffloadPlan, schedule: Schedule) -> OffloadRuntime:
+    """The runtime of the stack ``layers`` (its blocks), created (weights moved to host, slots
+    filled) on first use."""
+    runtime = _BY_STACK.get(layers)
     if runtime is None:
+        blocks = {id(block) for block in layers}
+        for other in _live_runtimes():
+            if blocks & {id(block) for block in other.blocks()}:
+                raise ValueError(
+                    f"{plan.layers_path} shares blocks with {other.plan.layers_path}, which is "
+                    "already offloaded: a model's stacks are offloaded together once per process. "
+                    "Call offload_compiler.place_model(model, options) before compiling parts of "
+                    "it (an encoder) on their own."
+                )
         runtime = OffloadRuntime(len(_RUNTIMES), layers, plan, schedule)
         _RUNTIMES.append(weakref.ref(runtime))
-        _BY_LAYER_LIST[layers] = runtime
+        _BY_STACK[layers] = runtime
     elif runtime.schedule.config_hash != schedule.config_hash or runtime.device != schedule.device:
         raise ValueError(
             f"{plan.layers_path} is already offloaded with another configuration or device "
@@ -62,10 +70,13 @@ def runtime_for(layers: nn.ModuleList, plan: OffloadPlan, schedule: Schedule) ->
 
 
 def runtimes_of(model: nn.Module) -> list[OffloadRuntime]:
-    """The runtimes of ``model``'s offloaded stacks (ModuleLists or Sequentials)."""
-    stacks = (m for m in model.modules() if isinstance(m, nn.ModuleList | nn.Sequential))
-    found = (_BY_LAYER_LIST.get(m) for m in stacks)
-    return [runtime for runtime in found if runtime is not None]
+    """The runtimes of ``model``'s offloaded stacks."""
+    modules = {id(module) for module in model.modules()}
+    return [r for r in _live_runtimes() if any(id(block) in modules for block in r.blocks())]
+
+
+def _live_runtimes() -> list[OffloadRuntime]:
+    return [runtime for ref in _RUNTIMES if (runtime := ref()) is not None]
 
 
 def offloaded_stacks(model: nn.Module) -> list[OffloadedStack]:
