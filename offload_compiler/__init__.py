@@ -15,6 +15,7 @@ from .placement import place_model, reload_weights
 from .planner import BudgetError, Plan, plan
 from .runtime.prefetcher import OffloadedStack
 from .runtime.registry import offloaded_stacks
+from .stalls import StallReport, measure_stalls
 
 __all__ = [
     "BudgetError",
@@ -22,10 +23,12 @@ __all__ = [
     "OffloadedStack",
     "Plan",
     "PrefetchOffloadConfig",
+    "StallReport",
     "UVAOffloadConfig",
     "from_pretrained",
     "init_empty_weights",
     "load_checkpoint",
+    "measure_stalls",
     "offload_backend",
     "offloaded_stacks",
     "place_model",

@@ -19,6 +19,7 @@ from ..planning import OffloadedLayer, OffloadPlan
 from .counter_order import CounterOrder, GraphProgram
 from .event_order import EventOrder, SyncOrder
 from .slots import SlotKey, SlotPool
+from .wait_timer import WaitTimer
 
 if TYPE_CHECKING:
     from ..schedule import Schedule
@@ -79,6 +80,7 @@ class OffloadRuntime:
         else:
             self._order = EventOrder(plan, self._copy, self.device, poison)
         self._versions = self._param_versions()
+        self.timer: WaitTimer | None = None  # set while `measure_stalls` times the waits
         for layer in plan.layers[: plan.num_slots]:  # the first forward finds its slots filled
             self._order.start(layer, layer.params)
         self._order.join()
@@ -100,7 +102,12 @@ class OffloadRuntime:
     def wait(self, layer_index: int, name: str | None = None) -> None:
         """Make the compute stream wait until layer ``layer_index``'s slot holds its weights."""
         layer = self._layer(layer_index)
+        if self.timer is None:
+            self._order.wait(layer, layer.params if name is None else (name,))
+            return
+        self.timer.before(layer.position)
         self._order.wait(layer, layer.params if name is None else (name,))
+        self.timer.after()
 
     def join(self) -> None:
         """Rejoin the copy stream into the compute stream (op join_after_forward)."""
