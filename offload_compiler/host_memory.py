@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .sharding import local, wrapped_like
+
 # Parameter -> its host copy, shared by `place_model` and the backend. Weak, so a dropped model
 # frees its pinned memory; by identity, as a WeakKeyDictionary would compare tensors with ==.
 _HOST_COPIES = WeakIdKeyDictionary()
@@ -167,9 +169,10 @@ def host_copy(param: torch.Tensor) -> torch.Tensor | None:
 
 
 def offload_parameters(params: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Move each of ``params``' values to host memory and return those host copies (a parameter
-    offloaded before keeps its copy): on CUDA into a `PinnedArena`, each ``param.data`` becoming
-    a device view, its former storage freed before the next copy; on CPU in place."""
+    """Move each of ``params``' values (a DTensor's local shard) to host memory and return those
+    host copies (a parameter offloaded before keeps its copy): on CUDA into a `PinnedArena`, each
+    ``param.data`` becoming a device view, its former storage freed before the next copy; on CPU
+    in place."""
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"offloading to {device.type} is not supported (cuda or cpu)")
     if device.type == "cpu":
@@ -177,13 +180,14 @@ def offload_parameters(params: Sequence[torch.Tensor], device: torch.device) -> 
         if moved:
             raise ValueError(f"parameter on {moved[0].device} cannot be offloaded for a CPU graph")
     new = list({id(p): p for p in params if _HOST_COPIES.get(p) is None}.values())
-    arena = PinnedArena([p.data for p in new]) if device.type == "cuda" and new else None
-    for index, param in enumerate(new):
+    shards = [local(p.detach()) for p in new]  # a tensor-parallel rank offloads its shard only
+    arena = PinnedArena(shards) if device.type == "cuda" and new else None
+    for index, (param, shard) in enumerate(zip(new, shards, strict=True)):
         if arena is None:
-            host = param.detach()
+            host = shard
         else:
-            host = arena.empty(index).copy_(param.detach())
-            param.data = cuda_view_of_pinned(host, device)
+            host = arena.empty(index).copy_(shard)
+            param.data = wrapped_like(param, cuda_view_of_pinned(host, device))
         remember_host_copy(param, host)
     return [_HOST_COPIES[p] for p in params]
 

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
+from torch.distributed.tensor import DTensor
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from .. import ops
+from ..sharding import replicated
 from .anchors import (
     anchor_test,
     computed_tensors,
@@ -156,6 +158,14 @@ def _add_tokens(graph: fx.Graph, reads: dict[str, SlotRead]) -> dict[int, fx.Nod
             token = graph.call_function(torch.empty, ((0,),), {"device": device})
         with fake_mode:
             token.meta["example_value"] = torch.empty((0,), device=device)
+        slot = next(r.slot for r in reads.values() if r.runtime_id == runtime_id)
+        if isinstance(slot, DTensor):  # DTensor ops take no plain tensor beside DTensors
+            with graph.inserting_after(token):
+                token = graph.call_function(replicated, (token, slot.device_mesh))
+            with fake_mode:
+                token.meta["example_value"] = replicated(
+                    token.args[0].meta["example_value"], slot.device_mesh
+                )
         tokens[runtime_id] = token
         after = token
     return tokens

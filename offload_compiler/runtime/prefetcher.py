@@ -16,6 +16,7 @@ from torch import nn
 
 from ..host_memory import adopt_values, offload_parameters
 from ..planning import OffloadedLayer, OffloadPlan
+from ..sharding import wrapped_like
 from .counter_order import CounterOrder, GraphProgram
 from .event_order import EventOrder, SyncOrder
 from .slots import SlotKey, SlotPool
@@ -64,13 +65,15 @@ class OffloadRuntime:
         self._layers = weakref.ref(layers)
         self._params = [weakref.ref(p) for p in params]
         self._host: list[dict[str, torch.Tensor]] = []
-        self._slots: list[dict[str, torch.Tensor]] = []
+        self._slots: list[dict[str, torch.Tensor]] = []  # what the copies write
+        self._read: list[dict[str, torch.Tensor]] = []  # what the graph reads (DTensor shards)
+        owners = iter(params)
         for layer in plan.layers:
             host = {name: next(hosts) for name in layer.params}
             self._host.append(host)
-            self._slots.append(
-                {n: self.pool.buffer(layer.slot, SlotKey.of(n, t)) for n, t in host.items()}
-            )
+            slots = {n: self.pool.buffer(layer.slot, SlotKey.of(n, t)) for n, t in host.items()}
+            self._slots.append(slots)
+            self._read.append({n: wrapped_like(next(owners), slots[n]) for n in layer.params})
         self.host_bytes = sum(t.nbytes for host in self._host for t in host.values())
         poison = self._poison if schedule.poison_slots else None
         if self.device.type != "cuda":
@@ -92,7 +95,7 @@ class OffloadRuntime:
 
     def slot_tensors(self, layer_index: int) -> dict[str, torch.Tensor]:
         """The slot buffers the compiled graph reads for layer ``layer_index``'s parameters."""
-        return self._slots[self._layer(layer_index).position]
+        return self._read[self._layer(layer_index).position]
 
     def start(self, layer_index: int, name: str | None = None) -> None:
         """Begin copying layer ``layer_index``'s weights (or parameter ``name``) into its slot."""

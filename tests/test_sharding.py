@@ -1,0 +1,95 @@
+"""Tensor parallelism: each rank of a ``parallelize_module`` model offloads and streams only its
+shard. Two CPU processes (gloo) compare the offloaded compiled model with the same TP model
+compiled by Inductor and with the single-process model, first call included."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+WORLD = 2
+
+
+class TPBlock(nn.Module):
+    """x + down(relu(up(x))): up split by columns, down by rows (one all-reduce)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(dim, 4 * dim)
+        self.down = nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class TPStack(nn.Module):
+    def __init__(self, layers: int = 4, dim: int = 16) -> None:
+        super().__init__()
+        self.proj_in = nn.Linear(dim, dim)
+        self.layers = nn.ModuleList(TPBlock(dim) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj_in(x)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def _parallelized(model: nn.Module, mesh) -> nn.Module:
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    for layer in model.layers:
+        parallelize_module(layer, mesh, {"up": ColwiseParallel(), "down": RowwiseParallel()})
+    return model
+
+
+def _rank(rank: int, port: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import offload_compiler
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        torch.manual_seed(0)
+        single = TPStack().eval()
+        tp_reference = torch.compile(_parallelized(copy.deepcopy(single), mesh))
+        model = _parallelized(copy.deepcopy(single), mesh)
+        options = {"prefetch": {"offload_group_size": 2, "offload_num_in_group": 1}}
+        compiled = torch.compile(model, backend="offload", options=options)
+        with torch.no_grad():
+            for call in range(3):
+                x = torch.randn(3, 16, generator=torch.Generator().manual_seed(call))
+                got = compiled(x)
+                torch.testing.assert_close(got, tp_reference(x), rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(got, single(x), rtol=1e-5, atol=1e-5)
+        (stack,) = offload_compiler.offloaded_stacks(model)
+        assert stack.layers == (1, 3)
+        shards = [p.to_local() for i in (1, 3) for p in model.layers[i].parameters()]
+        assert [tuple(h.shape) for h in stack.host_tensors] == [tuple(s.shape) for s in shards]
+        assert stack.host_bytes == sum(s.nbytes for s in shards)
+        whole = sum(p.nbytes for i in (1, 3) for p in single.layers[i].parameters())
+        assert stack.host_bytes < whole  # the up and down weights are split, the biases not all
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
+def test_each_rank_offloads_its_shard_and_equals_the_tp_and_single_process_models():
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank, args=(port,), nprocs=WORLD, join=True)
