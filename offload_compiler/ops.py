@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from .runtime.registry import get_fetcher, get_runtime
-from .sharding import keep_anchor_placements
 
 
 @torch.library.custom_op("offload::wait_prefetch", mutates_args=("anchors",))
@@ -42,7 +41,6 @@ def join_after_forward(anchors: list[torch.Tensor], runtime_id: int, rejoin: boo
 WAIT_PREFETCH = torch.ops.offload.wait_prefetch.default
 START_PREFETCH = torch.ops.offload.start_prefetch.default
 JOIN_AFTER_FORWARD = torch.ops.offload.join_after_forward.default
-keep_anchor_placements(WAIT_PREFETCH, START_PREFETCH, JOIN_AFTER_FORWARD)
 
 
 @torch.library.custom_op("offload::fetch_param", mutates_args=())

@@ -2,19 +2,16 @@
 streams only its own shard.
 
 The rewrite runs on Dynamo's graph, where such a parameter is a DTensor: its slot is a DTensor of
-the same mesh and placements around the rank's local slot buffer, the token that chains the ops
-is a replicated DTensor, and the ops keep each anchor's placement (a redistribution would anchor
-a copy, not the activation). AOTAutograd then unwraps every DTensor, so the compiled graph reads
-local slot buffers and the collectives stay where Inductor puts them. Rewriting after that
-unwrapping instead would lose ``grapharg``, the map from placeholders to parameters.
+the same mesh and placements around the rank's local slot buffer, and the ops anchor DTensor
+activations through their local shards. AOTAutograd then unwraps every DTensor, so the compiled
+graph reads local slot buffers and the collectives stay where Inductor puts them. Rewriting after
+that unwrapping instead would lose ``grapharg``, the map from placeholders to parameters.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate
-from torch.distributed.tensor.experimental import register_sharding
+from torch.distributed.tensor import DTensor
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
@@ -35,19 +32,3 @@ def wrapped_like(param: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
         shape=param.shape,
         stride=param.stride(),
     )
-
-
-def replicated(tensor: torch.Tensor, mesh: DeviceMesh) -> DTensor:
-    """``tensor``, the same on every rank, as a DTensor replicated over ``mesh`` (the token)."""
-    return DTensor.from_local(tensor, mesh, [Replicate()], run_check=False)
-
-
-def keep_anchor_placements(*ops: torch._ops.OpOverload) -> None:
-    """Register for ``ops`` (anchors first, returning nothing) the one sharding strategy that
-    leaves every anchor as it is."""
-
-    def as_is(anchors: list, *_: object) -> list:
-        return [([None], [anchor.placements[0] for anchor in anchors])]
-
-    for op in ops:
-        register_sharding(op)(as_is)

@@ -13,7 +13,7 @@ from torch.distributed.tensor import DTensor
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from .. import ops
-from ..sharding import replicated
+from ..sharding import local
 from .anchors import (
     anchor_test,
     computed_tensors,
@@ -79,6 +79,7 @@ def insert_prefetch_ops(
     tokens = _add_tokens(graph, reads)
     _fence_spans(graph, spans, tokens, rejoin, input_storages)
     _join_before_output(graph, tokens, rejoin)
+    _anchor_local_shards(graph)
     graph.lint()
     new_gm.recompile()
     return Rewrite(new_gm, slots, len(tokens))
@@ -158,14 +159,6 @@ def _add_tokens(graph: fx.Graph, reads: dict[str, SlotRead]) -> dict[int, fx.Nod
             token = graph.call_function(torch.empty, ((0,),), {"device": device})
         with fake_mode:
             token.meta["example_value"] = torch.empty((0,), device=device)
-        slot = next(r.slot for r in reads.values() if r.runtime_id == runtime_id)
-        if isinstance(slot, DTensor):  # DTensor ops take no plain tensor beside DTensors
-            with graph.inserting_after(token):
-                token = graph.call_function(replicated, (token, slot.device_mesh))
-            with fake_mode:
-                token.meta["example_value"] = replicated(
-                    token.args[0].meta["example_value"], slot.device_mesh
-                )
         tokens[runtime_id] = token
         after = token
     return tokens
@@ -228,6 +221,24 @@ def _starts_at_top(
         and order[reader] < order[span.first]
         and work.before(reader) > work.after(span.last)
     )
+
+
+def _anchor_local_shards(graph: fx.Graph) -> None:
+    """The ops anchor a DTensor activation (tensor parallelism) through its local shard
+    (``to_local()``, a view of it): the ops then never see a DTensor, which would need a
+    sharding strategy and refuses plain tensors (the token) beside it."""
+    fake_mode = fake_mode_of(graph.find_nodes(op="placeholder"))
+    for op in (ops.WAIT_PREFETCH, ops.START_PREFETCH, ops.JOIN_AFTER_FORWARD):
+        for node in graph.find_nodes(op="call_function", target=op):
+            anchors = list(node.args[0])
+            for i, anchor in enumerate(anchors):
+                value = anchor.meta.get("example_value")
+                if isinstance(value, DTensor):
+                    with graph.inserting_before(node):
+                        anchors[i] = graph.call_method("to_local", (anchor,))
+                    with fake_mode:
+                        anchors[i].meta["example_value"] = local(value)
+            node.args = (anchors, *node.args[1:])
 
 
 def _join_before_output(graph: fx.Graph, tokens: dict[int, fx.Node], rejoin: bool) -> None:
