@@ -196,8 +196,8 @@ def adopt_values(param: torch.Tensor, host: torch.Tensor, name: str, device: tor
     """Make ``host`` the offloaded storage of ``param`` again after ``param`` was given other
     storage (``param.data = new``, ``load_state_dict(assign=True)``): its values are copied into
     ``host`` (whose address compiled graphs keep), which ``param`` then reads."""
-    if host.data_ptr() != param.data_ptr():
-        value = param.detach()
+    value = local(param.detach())  # a tensor-parallel rank's host copy is its shard
+    if host.data_ptr() != value.data_ptr():
         if (value.shape, value.stride(), value.dtype) != (host.shape, host.stride(), host.dtype):
             raise ValueError(
                 f"offloaded parameter {name} was replaced by a tensor of shape "
@@ -206,5 +206,6 @@ def adopt_values(param: torch.Tensor, host: torch.Tensor, name: str, device: tor
                 "in place (param.copy_, load_state_dict) or with the same layout."
             )
         host.copy_(value)  # synchronous: the values are in place when it returns
-        param.data = cuda_view_of_pinned(host, device) if device.type == "cuda" else host
+        stored = cuda_view_of_pinned(host, device) if device.type == "cuda" else host
+        param.data = wrapped_like(param, stored)
     remember_host_copy(param, host)

@@ -1,6 +1,7 @@
 """Tensor parallelism: each rank of a ``parallelize_module`` model offloads and streams only its
 shard. Two CPU processes (gloo) compare the offloaded compiled model with the same TP model
-compiled by Inductor and with the single-process model, first call included."""
+compiled by Inductor and with the single-process model, first call included, and after an
+offloaded shard changes in place."""
 
 from __future__ import annotations
 
@@ -100,6 +101,10 @@ def _rank(rank: int, port: int, name: str) -> None:
                 got = compiled(x)
                 torch.testing.assert_close(got, tp_reference(x), rtol=1e-5, atol=1e-5)
                 torch.testing.assert_close(got, single(x), rtol=1e-5, atol=1e-5)
+            # an offloaded shard changed in place reaches the next call
+            for each in (model, single):
+                next(each.layers[1].parameters()).mul_(2)
+            torch.testing.assert_close(compiled(x), single(x), rtol=1e-5, atol=1e-5)
         (stack,) = offload_compiler.offloaded_stacks(model)
         assert stack.layers == (1, 3)
         shards = [local(p) for i in (1, 3) for p in model.layers[i].parameters()]
