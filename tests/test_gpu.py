@@ -527,6 +527,12 @@ def test_transformers_llama_equals_inductor(mode):
         assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
 
 
+def _pinned_bytes() -> int:
+    """Pinned host bytes in use in this process (the soak test watches them for leaks)."""
+    stats = torch.cuda.host_memory_stats()
+    return stats.get("allocated_bytes.current", stats.get("allocation.current", 0))
+
+
 @pytest.mark.parametrize("dynamic", [True, None])
 def test_new_shapes_do_not_grow_gpu_memory(dynamic):
     torch.manual_seed(0)
