@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.offload_bench import fill_from_block
 from benchmarks.timing import copy_floor_ms, h2d_gbps, wall_ms
 
 FLUX = {  # FLUX.1-dev's transformer
@@ -76,10 +77,7 @@ def build(spec: dict) -> torch.nn.Module:
             if param.dim() == 1 and "norm" in name:
                 param.fill_(1.0)
                 continue
-            flat = param.view(-1)
-            for start in range(0, flat.numel(), block.numel()):
-                end = min(flat.numel(), start + block.numel())
-                flat[start:end].copy_(block[: end - start])
+            fill_from_block(param.view(-1), block)
     for module in model.modules():  # rotary tables and other buffers
         for key, buffer in module.named_buffers(recurse=False):
             if buffer.device.type == "meta":
